@@ -1,0 +1,2 @@
+"""trio-gpu-plugin: a Kubernetes device plugin for NVIDIA GPUs, on trio.
+"""

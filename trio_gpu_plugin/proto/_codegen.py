@@ -1,0 +1,496 @@
+"""Generate fast encoders and decoders for a package of message classes.
+
+Strategy: a table-driven codec that interprets the schema at run time spends most of its
+time on the interpretation.  Instead, like ``dataclasses`` building ``__init__``, we
+write straight-line Python source for each message from its :class:`Descriptor`, with
+the tags as constants, the one-byte cases inline and nested messages as direct calls,
+and ``exec`` it once at import.  The generated source can be read with
+:func:`generated_source` (the tests and ``bench/`` do).
+
+Per message ``M`` the namespace gets:
+
+* ``_enc_M(o) -> bytes``: fields in field-number order, defaults skipped, repeated
+  scalars packed, map entries with both key and value, exactly as protobuf writes them;
+* ``_new_M(buf, pos, end) -> M``: decode ``buf[pos:end]`` into a new message;
+* ``_merge_M(buf, pos, end, o)``: merge ``buf[pos:end]`` into ``o``.
+
+Decoding rules (proto3, as protobuf's upb does them): last one wins for singular fields;
+embedded messages seen twice merge; repeated scalars accept packed and unpacked input;
+map entries may miss key or value (the default stands in) and the last duplicate key
+wins; a known field number with another wire type is treated as unknown; unknown fields
+of every wire type are skipped and **dropped**: the plugin is an endpoint of the API,
+not a proxy, so there is nobody to pass them on to, and keeping them would cost memory
+on every message for nothing.
+
+Message types must form an acyclic graph (v1beta1 does), which bounds the nesting of
+known fields by the schema; the only unbounded nesting, unknown groups, is capped in
+``_wire``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+from . import _wire
+from ._schema import SCALARS, FieldDescriptor, Label, Message
+
+__all__ = ["compile_package", "generated_source"]
+
+_SOURCES: dict[str, str] = {}
+
+_INT_RANGES: Final = {
+    "int32": (-(1 << 31), (1 << 31) - 1),
+    "int64": (-(1 << 63), (1 << 63) - 1),
+    "uint32": (0, (1 << 32) - 1),
+    "uint64": (0, (1 << 64) - 1),
+}
+
+# How a varint read in full (up to 70 bits) becomes the field's value: protobuf keeps
+# the low 32 or 64 bits and, for signed types, reads them as two's complement.  Only
+# needed on the multi-byte path: a one-byte varint is already the value.
+_VARINT_FIXUPS: Final = {
+    "int32": ["v &= 0xFFFFFFFF", "if v > 0x7FFFFFFF:", "    v -= 0x100000000"],
+    "int64": [
+        "v &= 0xFFFFFFFFFFFFFFFF",
+        "if v > 0x7FFFFFFFFFFFFFFF:",
+        "    v -= 0x10000000000000000",
+    ],
+    "uint32": ["v &= 0xFFFFFFFF"],
+    "uint64": ["v &= 0xFFFFFFFFFFFFFFFF"],
+    "bool": [],
+}
+
+
+def _tag(number: int, wire_type: int) -> int:
+    return number << 3 | wire_type
+
+
+def _tag_literal(number: int, wire_type: int) -> str:
+    return repr(_wire.encode_varint(_tag(number, wire_type)))
+
+
+def _indent(lines: Iterable[str], levels: int = 1) -> list[str]:
+    pad = "    " * levels
+    return [pad + line for line in lines]
+
+
+# --- decoding --------------------------------------------------------------------------
+
+_READ_LENGTH: Final = [
+    "n = buf[pos]",
+    "if n < 0x80:",
+    "    pos += 1",
+    "else:",
+    "    n, pos = _read_varint(buf, pos)",
+    "npos = pos + n",
+    "if npos > end:",
+    "    raise _Malformed('length runs past the end of the enclosing message')",
+]
+
+
+def _read_varint_into_v(type_name: str) -> list[str]:
+    lines = [
+        "v = buf[pos]",
+        "if v < 0x80:",
+        "    pos += 1",
+        "else:",
+        "    v, pos = _read_varint(buf, pos)",
+        *_indent(_VARINT_FIXUPS[type_name]),
+    ]
+    if type_name == "bool":
+        lines.append("v = v != 0")
+    return lines
+
+
+def _read_scalar_into_v(type_name: str) -> list[str]:
+    """Statements that read one value of a scalar type at ``pos`` into ``v``."""
+    if type_name == "string":
+        return [*_READ_LENGTH, "v = buf[pos:npos].decode()", "pos = npos"]
+    if type_name == "bytes":
+        return [*_READ_LENGTH, "v = buf[pos:npos]", "pos = npos"]
+    return _read_varint_into_v(type_name)
+
+
+def _decode_branches(msg: type[Message], f: FieldDescriptor) -> list[tuple[int, list[str]]]:
+    """(tag, statements) pairs handling field ``f``; the field's value lives in ``f_<name>``."""
+    var = f"f_{f.name}"
+    wire_type = SCALARS[f.type][0] if not f.is_message else _wire.WIRETYPE_LENGTH_DELIMITED
+    if f.label is Label.MAP:
+        entry = f"_entry_{msg.__name__}_{f.name}"
+        return [(
+            _tag(f.number, _wire.WIRETYPE_LENGTH_DELIMITED),
+            [*_READ_LENGTH, f"k, v = {entry}(buf, pos, npos)", f"{var}[k] = v", "pos = npos"],
+        )]
+    if f.is_message:
+        if f.label is Label.REPEATED:
+            body = [f"{var}.append(_new_{f.type}(buf, pos, npos))"]
+        else:
+            body = [
+                f"if {var} is None:",
+                f"    {var} = _new_{f.type}(buf, pos, npos)",
+                "else:",
+                f"    _merge_{f.type}(buf, pos, npos, {var})",
+            ]
+        return [(_tag(f.number, wire_type), [*_READ_LENGTH, *body, "pos = npos"])]
+    store = f"{var}.append(v)" if f.label is Label.REPEATED else f"{var} = v"
+    branches = [(_tag(f.number, wire_type), [*_read_scalar_into_v(f.type), store])]
+    if f.label is Label.REPEATED and wire_type == _wire.WIRETYPE_VARINT:
+        # Packed form of a repeated varint field: one length-delimited run of varints.
+        packed = [
+            *_READ_LENGTH,
+            "while pos < npos:",
+            *_indent(_read_varint_into_v(f.type)),
+            f"    {var}.append(v)",
+            "if pos != npos:",
+            "    raise _Malformed('packed values run past their length')",
+        ]
+        branches.append((_tag(f.number, _wire.WIRETYPE_LENGTH_DELIMITED), packed))
+    return branches
+
+
+def _parse_loop(branches: list[tuple[int, list[str]]]) -> list[str]:
+    """The tag loop shared by message and map-entry decoders."""
+    lines = [
+        "while pos < end:",
+        "    tag = buf[pos]",
+        "    if tag < 0x80:",
+        "        pos += 1",
+        "    else:",
+        "        tag = -1",
+        "        tag, pos = _read_tag(buf, pos)",
+    ]
+    keyword = "if"
+    for tag, body in branches:
+        lines.append(f"    {keyword} tag == {tag}:")
+        lines.extend(_indent(body, 2))
+        keyword = "elif"
+    if branches:
+        lines.append("    else:")
+        lines.append("        pos = _skip_field(buf, pos, end, tag)")
+    else:
+        lines.append("    pos = _skip_field(buf, pos, end, tag)")
+    lines += [
+        "if pos != end:",
+        "    raise _Malformed('field runs past the end of the enclosing message')",
+    ]
+    return lines
+
+
+def _error_handlers(type_const: str, names_const: str) -> list[str]:
+    return [
+        "except IndexError:",
+        f"    raise _error({type_const}, {names_const}, tag, pos, "
+        "'truncated: the input ends inside this field') from None",
+        "except UnicodeDecodeError:",
+        f"    raise _error({type_const}, {names_const}, tag, pos, "
+        "'invalid UTF-8 in a string field') from None",
+        "except _Malformed as exc:",
+        f"    raise _error({type_const}, {names_const}, tag, pos, exc.reason) from None",
+        "except _DecodeError as exc:",
+        f"    exc._enter({type_const}, _field_name({names_const}, tag))",
+        "    raise",
+    ]
+
+
+def _decoder_source(msg: type[Message]) -> list[str]:
+    name = msg.__name__
+    fields = msg.DESCRIPTOR.fields
+    branches = [b for f in fields for b in _decode_branches(msg, f)]
+    body = ["tag = 0", "try:", *_indent(_parse_loop(branches)),
+            *_error_handlers(f"_TYPE_{name}", f"_NAMES_{name}")]
+
+    def default(f: FieldDescriptor) -> str:
+        if f.label is Label.REPEATED:
+            return "[]"
+        if f.label is Label.MAP:
+            return "{}"
+        return repr(None if f.is_message else SCALARS[f.type][1])
+
+    new = [f"def _new_{name}(buf, pos, end):"]
+    new += _indent([f"f_{f.name} = {default(f)}" for f in fields])
+    new += _indent(body)
+    new += _indent([f"o = _object_new(_C_{name})"] + [f"o.{f.name} = f_{f.name}" for f in fields])
+    new += ["    return o", ""]
+
+    merge = [f"def _merge_{name}(buf, pos, end, o):"]
+    merge += _indent([f"f_{f.name} = o.{f.name}" for f in fields])
+    merge += _indent(body)
+    merge += _indent([f"o.{f.name} = f_{f.name}" for f in fields if f.label is Label.SINGULAR])
+    merge += ["    return None", ""]
+
+    entries: list[str] = []
+    for f in fields:
+        if f.label is not Label.MAP:
+            continue
+        assert f.key_type is not None
+        entry = f"{name}_{f.name}"
+        branches = [
+            (_tag(1, SCALARS[f.key_type][0]), [*_read_scalar_into_v(f.key_type), "k = v"]),
+            (_tag(2, SCALARS[f.type][0]), [*_read_scalar_into_v(f.type), "val = v"]),
+        ]
+        entries += [
+            f"def _entry_{entry}(buf, pos, end):",
+            f"    k = {SCALARS[f.key_type][1]!r}",
+            f"    val = {SCALARS[f.type][1]!r}",
+            "    tag = 0",
+            "    try:",
+            *_indent(_parse_loop(branches), 2),
+            *_indent(_error_handlers(f"_TYPE_{entry}", "_ENTRY_NAMES"), 1),
+            "    return k, val",
+            "",
+        ]
+    return new + merge + entries
+
+
+# --- encoding --------------------------------------------------------------------------
+
+_LENGTH_PREFIX: Final = "(_V1[n] if n < 128 else _venc(n))"
+
+
+def _encode_scalar(type_name: str, src: str, tag: str, out: str) -> list[str]:
+    """Statements setting ``out`` to ``tag`` plus the encoding of scalar ``src``."""
+    if type_name == "string":
+        return [f"b = {src}.encode()", "n = len(b)", f"{out} = {tag} + {_LENGTH_PREFIX} + b"]
+    if type_name == "bytes":
+        return [
+            f"if not isinstance({src}, (bytes, bytearray)):",
+            f"    raise _Invalid('expected bytes, got ' + type({src}).__name__)",
+            f"n = len({src})",
+            f"{out} = {tag} + {_LENGTH_PREFIX} + bytes({src})",
+        ]
+    if type_name == "bool":
+        return [
+            f"if {src} is True:",
+            f"    {out} = {tag} + b'\\x01'",
+            f"elif {src} is False:",
+            f"    {out} = {tag} + b'\\x00'",
+            "else:",
+            f"    raise _Invalid('expected bool, got ' + type({src}).__name__)",
+        ]
+    low, high = _INT_RANGES[type_name]
+    return [
+        f"if {src}.__class__ is not int and not isinstance({src}, int):",
+        f"    raise _Invalid('expected int, got ' + type({src}).__name__)",
+        f"if 0 <= {src} < 128:",
+        f"    {out} = {tag} + _V1[{src}]",
+        f"elif {low} <= {src} <= {high}:",
+        f"    {out} = {tag} + _venc({src} & 0xFFFFFFFFFFFFFFFF)",
+        "else:",
+        f"    raise _Invalid(repr({src}) + ' is out of range for {type_name}')",
+    ]
+
+
+def _check_message(type_name: str, src: str) -> list[str]:
+    return [
+        f"if {src}.__class__ is not _C_{type_name}:",
+        f"    raise _Invalid('expected {type_name}, got ' + type({src}).__name__)",
+    ]
+
+
+def _encode_field(f: FieldDescriptor) -> list[str]:
+    lines = [f"name = {f.name!r}"]
+    if f.label is Label.MAP:
+        assert f.key_type is not None
+        lines += [
+            f"vs = o.{f.name}",
+            "if not isinstance(vs, _Mapping):",
+            "    raise _Invalid('expected a dict, got ' + type(vs).__name__)",
+            "for key, v in vs.items():",
+            *_indent(_encode_scalar(f.key_type, "key", repr(b"\n"), "kb")),
+            *_indent(_encode_scalar(f.type, "v", repr(b"\x12"), "vb")),
+            "    b = kb + vb",
+            "    n = len(b)",
+            f"    ap({_tag_literal(f.number, 2)} + {_LENGTH_PREFIX} + b)",
+        ]
+        return lines
+    if f.label is Label.REPEATED:
+        lines += [
+            f"vs = o.{f.name}",
+            "if vs.__class__ is not list and not isinstance(vs, _SEQUENCES):",
+            "    raise _Invalid('expected a list, got ' + type(vs).__name__)",
+        ]
+        if f.is_message:
+            lines += [
+                "for v in vs:",
+                *_indent(_check_message(f.type, "v")),
+                f"    b = _enc_{f.type}(v)",
+                "    n = len(b)",
+                f"    ap({_tag_literal(f.number, 2)} + {_LENGTH_PREFIX} + b)",
+            ]
+        elif SCALARS[f.type][0] == _wire.WIRETYPE_VARINT:
+            # proto3 packs repeated scalars by default.
+            lines += [
+                "if vs:",
+                "    chunks = []",
+                "    for v in vs:",
+                *_indent(_encode_scalar(f.type, "v", "b''", "x"), 2),
+                "        chunks.append(x)",
+                "    b = b''.join(chunks)",
+                "    n = len(b)",
+                f"    ap({_tag_literal(f.number, 2)} + {_LENGTH_PREFIX} + b)",
+            ]
+        else:
+            lines += [
+                "for v in vs:",
+                *_indent(_encode_scalar(f.type, "v", _tag_literal(f.number, 2), "x")),
+                "    ap(x)",
+            ]
+        return lines
+    lines.append(f"v = o.{f.name}")
+    if f.is_message:
+        return lines + [
+            "if v is not None:",
+            *_indent(_check_message(f.type, "v")),
+            f"    b = _enc_{f.type}(v)",
+            "    n = len(b)",
+            f"    ap({_tag_literal(f.number, 2)} + {_LENGTH_PREFIX} + b)",
+        ]
+    wire_type, default = SCALARS[f.type]
+    test = "v is not False" if f.type == "bool" else f"v != {default!r}"
+    return lines + [
+        f"if {test}:",
+        *_indent(_encode_scalar(f.type, "v", _tag_literal(f.number, wire_type), "x")),
+        "    ap(x)",
+    ]
+
+
+def _encoder_source(msg: type[Message]) -> list[str]:
+    name = msg.__name__
+    body = [line for f in msg.DESCRIPTOR.fields for line in _encode_field(f)]
+    return [
+        f"def _enc_{name}(o):",
+        "    parts = []",
+        "    ap = parts.append",
+        "    name = ''",
+        "    try:",
+        *_indent(body or ["pass"], 2),
+        "    except _EncodeError as exc:",
+        f"        exc._enter(_TYPE_{name}, name)",
+        "        raise",
+        "    except (_Invalid, AttributeError, TypeError, ValueError) as exc:",
+        f"        raise _encode_error(_TYPE_{name}, name, exc) from None",
+        "    return b''.join(parts)",
+        "",
+    ]
+
+
+# --- assembly --------------------------------------------------------------------------
+
+
+class _Invalid(Exception):
+    """Internal: a value the encoder refuses, turned into EncodeError by the caller."""
+
+
+def _field_name(names: Mapping[int, str], tag: int) -> str:
+    if tag < 0:
+        return "tag"
+    return names.get(tag >> 3, f"field {tag >> 3}")
+
+
+def _error(
+    message_type: str, names: Mapping[int, str], tag: int, pos: int, reason: str
+) -> _wire.DecodeError:
+    return _wire.DecodeError(message_type, _field_name(names, tag), pos, reason)
+
+
+def _encode_error(message_type: str, field: str, exc: Exception) -> _wire.EncodeError:
+    if isinstance(exc, _Invalid):
+        reason = str(exc)
+    else:
+        reason = f"{type(exc).__name__}: {exc}"
+    return _wire.EncodeError(message_type, field, reason)
+
+
+def _check_acyclic(classes: Mapping[str, type[Message]]) -> None:
+    state: dict[str, int] = {}
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            raise TypeError(f"recursive message types are not supported: {' -> '.join(trail)}")
+        state[name] = 1
+        for f in classes[name].DESCRIPTOR.fields:
+            if f.is_message:
+                if f.type not in classes:
+                    raise TypeError(f"{name}.{f.name}: unknown message type {f.type!r}")
+                visit(f.type, (*trail, f.type))
+        state[name] = 2
+
+    for name in classes:
+        visit(name, (name,))
+
+
+def compile_package(classes: Iterable[type[Message]]) -> None:
+    """Generate and attach the codec of every message class of one proto package.
+
+    All message types a field refers to must be among ``classes``.
+    """
+    by_name = {cls.__name__: cls for cls in classes}
+    packages = {cls.DESCRIPTOR.package for cls in by_name.values()}
+    if len(packages) != 1:
+        raise TypeError(f"compile one package at a time, got {sorted(packages)}")
+    for name, cls in by_name.items():
+        if cls.DESCRIPTOR.name != name:
+            raise TypeError(f"class {name} is declared as {cls.DESCRIPTOR.full_name}")
+    _check_acyclic(by_name)
+
+    namespace: dict[str, Any] = {
+        "_read_varint": _wire.read_varint,
+        "_read_tag": _wire.read_tag,
+        "_skip_field": _wire.skip_field,
+        "_venc": _wire.encode_varint,
+        "_V1": _wire.VARINT_1,
+        "_Malformed": _wire.Malformed,
+        "_DecodeError": _wire.DecodeError,
+        "_EncodeError": _wire.EncodeError,
+        "_Invalid": _Invalid,
+        "_error": _error,
+        "_encode_error": _encode_error,
+        "_field_name": _field_name,
+        "_object_new": object.__new__,
+        "_Mapping": Mapping,
+        "_SEQUENCES": (list, tuple),
+        "_ENTRY_NAMES": {1: "key", 2: "value"},
+    }
+    source: list[str] = []
+    for name, cls in by_name.items():
+        namespace[f"_C_{name}"] = cls
+        namespace[f"_TYPE_{name}"] = cls.DESCRIPTOR.full_name
+        namespace[f"_NAMES_{name}"] = {f.number: f.name for f in cls.DESCRIPTOR.fields}
+        for f in cls.DESCRIPTOR.fields:
+            if f.label is Label.MAP:
+                entry_type = f"{cls.DESCRIPTOR.full_name}.{f.name.title().replace('_', '')}Entry"
+                namespace[f"_TYPE_{name}_{f.name}"] = entry_type
+        source += _encoder_source(cls) + _decoder_source(cls)
+    text = "\n".join(source)
+    package = next(iter(packages))
+    _SOURCES[package] = text
+    exec(compile(text, f"<trio_gpu_plugin.proto codec for {package}>", "exec"), namespace)
+
+    for name, cls in by_name.items():
+        new = namespace[f"_new_{name}"]
+        merge = namespace[f"_merge_{name}"]
+        cls._encode = staticmethod(namespace[f"_enc_{name}"])
+        cls._decode_new = staticmethod(_top_level_new(new))
+        cls._decode_merge = staticmethod(_top_level_merge(merge))
+
+
+def _top_level_new(new: Any) -> Any:
+    def decode_new(data: bytes) -> Any:
+        return new(data, 0, len(data))
+
+    return decode_new
+
+
+def _top_level_merge(merge: Any) -> Any:
+    def decode_merge(data: bytes, target: Any) -> None:
+        merge(data, 0, len(data), target)
+
+    return decode_merge
+
+
+def generated_source(package: str) -> str:
+    """The Python source generated for ``package`` (for reading and debugging)."""
+    return _SOURCES[package]
