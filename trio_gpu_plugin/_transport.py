@@ -1,0 +1,775 @@
+"""gRPC over Unix sockets on trio: a server for our services and a client channel.
+
+Strategy: one :class:`_Link` per connection owns the socket and the HTTP/2 state
+(:class:`~trio_gpu_plugin._grpc.GrpcConnection`).  A reader task feeds received bytes
+to the state machine and dispatches the events; a writer task is the only one that
+writes to the socket, so a call that is cancelled half-way through a write can never
+leave half an HTTP/2 frame behind.  Calls only queue bytes in the state machine and
+wake the writer, which costs no await: a unary answer (headers, message, trailers) goes
+out in one ``send``.
+
+Server side, every call runs in its own task inside its connection's nursery, under a
+cancel scope that is cancelled when the client resets the stream (RST_STREAM) and whose
+deadline is the client's ``grpc-timeout``.  When the client goes away (EOF), the
+connection's nursery is cancelled, so every call it had is cancelled and the socket is
+closed.  Handler errors become statuses: :class:`~trio_gpu_plugin.RpcError` its own
+code and message, anything else ``UNKNOWN`` with the exception's text (the traceback
+goes to the log); ``trio.Cancelled`` always propagates.
+
+Client side, :func:`open_unix_channel` holds one connection; calls on it are bounded by
+a timeout, and leaving a streaming call early resets its stream so the server's handler
+is cancelled.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import itertools
+import logging
+import os
+import socket
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final, Generic, NoReturn, TypeVar, Union
+
+import h2.errors
+import h2.exceptions
+import trio
+from purerpc.grpclib.events import (
+    MessageReceived,
+    RequestEnded,
+    RequestReceived,
+    ResponseEnded,
+    ResponseReceived,
+    WindowUpdated,
+)
+from purerpc.grpclib.exceptions import GRPCError, ProtocolError, RpcFailedError
+
+from ._grpc import (
+    CONTENT_TYPE_SUFFIX,
+    DEFAULT_MAX_MESSAGE_LENGTH,
+    CallFailed,
+    CallReset,
+    GrpcConnection,
+    RpcError,
+    Status,
+    StatusCode,
+    frame_message,
+)
+from .proto import DecodeError, EncodeError, Message, MethodDescriptor, ServiceDescriptor
+
+__all__ = [
+    "Channel",
+    "DEFAULT_CALL_TIMEOUT",
+    "Service",
+    "open_unix_channel",
+    "serve_unix",
+]
+
+log = logging.getLogger("trio_gpu_plugin.transport")
+
+_Req = TypeVar("_Req", bound=Message)
+_Resp = TypeVar("_Resp", bound=Message)
+
+#: A unary handler: ``async def handler(request) -> response``.
+UnaryHandler = Callable[[Any], Awaitable[Message]]
+#: A server-streaming handler: ``async def handler(request, send) -> None``, calling
+#: ``await send(response)`` for each message.
+StreamHandler = Callable[[Any, Callable[[Any], Awaitable[None]]], Awaitable[None]]
+Handler = Union[UnaryHandler, StreamHandler]
+
+#: Bound on a unary client call when the caller gives none (seconds).
+DEFAULT_CALL_TIMEOUT: Final = 30.0
+# Bytes asked of the socket per receive: enough for a large ListAndWatch in one go.
+RECEIVE_SIZE: Final = 65536
+# How long a closing connection may spend flushing its last bytes (GOAWAY, trailers)
+# to a peer that may have stopped reading.
+CLOSE_GRACE: Final = 0.2
+# Unix socket paths are limited by sockaddr_un.sun_path (108 bytes on Linux, with NUL).
+MAX_UNIX_PATH: Final = 107
+LISTEN_BACKLOG: Final = 128
+
+_PROTOCOL_ERRORS = (h2.exceptions.ProtocolError, ProtocolError)
+
+
+@dataclass(frozen=True)
+class Service:
+    """A service to serve: its descriptor and a handler per implemented method.
+
+    Methods without a handler answer ``UNIMPLEMENTED``.
+    """
+
+    descriptor: ServiceDescriptor
+    handlers: Mapping[str, Handler]
+
+    def __post_init__(self) -> None:
+        names = {m.name for m in self.descriptor.methods}
+        unknown = sorted(set(self.handlers) - names)
+        if unknown:
+            raise ValueError(
+                f"service {self.descriptor.full_name} has no method(s) {unknown}; "
+                f"it has {sorted(names)}"
+            )
+
+
+@dataclass(frozen=True)
+class _Route:
+    path: str
+    method: MethodDescriptor
+    handler: Handler
+
+
+def _build_routes(services: Iterable[Service]) -> dict[str, _Route]:
+    routes: dict[str, _Route] = {}
+    for service in services:
+        for name, handler in service.handlers.items():
+            path = service.descriptor.path(name)
+            if path in routes:
+                raise ValueError(f"two handlers for {path}")
+            routes[path] = _Route(path, service.descriptor.method(name), handler)
+    return routes
+
+
+class _StreamGone(Exception):
+    """Internal: the stream was reset or the connection lost while we were sending."""
+
+
+class _Link:
+    """One HTTP/2 connection: the socket, the state machine, the writer task."""
+
+    def __init__(self, stream: trio.abc.Stream, conn: GrpcConnection, peer: str) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.peer = peer
+        self._wake = trio.Event()
+        self._window = trio.Event()
+        self._closing = False
+        self.broken = False
+        self.writer_done = trio.Event()
+
+    def kick(self) -> None:
+        """Wake the writer: the state machine holds bytes to send."""
+        self._wake.set()
+
+    def window_changed(self) -> None:
+        self._window.set()
+        self._window = trio.Event()
+
+    def finish(self) -> None:
+        """Let the writer send what is queued, then stop."""
+        self._closing = True
+        self._wake.set()
+
+    async def writer(self, cancel_connection: trio.CancelScope) -> None:
+        try:
+            while True:
+                data = self.conn.data_to_send()
+                if data:
+                    await self.stream.send_all(data)
+                elif self._closing:
+                    return
+                else:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("%s: write failed (%s); closing the connection", self.peer, exc)
+            self.broken = True
+            cancel_connection.cancel()
+        finally:
+            self.writer_done.set()
+
+    async def send_message(self, stream_id: int, payload: bytes) -> None:
+        """Queue one gRPC message on a stream, waiting for flow-control credit as needed."""
+        data = frame_message(payload)
+        while True:
+            if self.broken:
+                raise _StreamGone("connection lost")
+            try:
+                window = self.conn.flow_control_window(stream_id)
+                if window >= len(data):
+                    self.conn.send_data(stream_id, data)
+                    self.kick()
+                    return
+                if window > 0:
+                    self.conn.send_data(stream_id, data[:window])
+                    data = data[window:]
+                    self.kick()
+                    continue
+            except h2.exceptions.StreamClosedError as exc:
+                raise _StreamGone(f"stream {stream_id} closed") from exc
+            await self._window.wait()
+
+
+# --- server ----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _ServerCall:
+    stream_id: int
+    route: _Route
+    timeout: datetime.timedelta | None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    request: bytes | None = None
+    extra_messages: bool = False
+    response_started: bool = False
+    reset: bool = False
+
+
+class _ServerConnection:
+    def __init__(
+        self, stream: trio.abc.Stream, routes: Mapping[str, _Route], max_message_length: int,
+        peer: str,
+    ) -> None:
+        self.routes = routes
+        self.link = _Link(
+            stream, GrpcConnection(client_side=False, max_message_length=max_message_length), peer
+        )
+        self.calls: dict[int, _ServerCall] = {}
+
+    async def run(self) -> None:
+        link = self.link
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.writer, nursery.cancel_scope)
+            link.conn.initiate_connection()
+            link.kick()
+            try:
+                await self._read_loop(nursery)
+            finally:
+                # EOF or a protocol error: flush what is queued (a GOAWAY, say), briefly,
+                # then cancel every call still running on this connection.
+                link.finish()
+                with trio.move_on_after(CLOSE_GRACE):
+                    await link.writer_done.wait()
+                nursery.cancel_scope.cancel()
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        link = self.link
+        while True:
+            try:
+                data = await link.stream.receive_some(RECEIVE_SIZE)
+            except trio.BrokenResourceError:
+                data = b""
+            if not data:
+                log.debug("%s: client closed the connection", link.peer)
+                return
+            try:
+                events = link.conn.receive_data(data)
+            except _PROTOCOL_ERRORS as exc:
+                log.warning("%s: closing the connection: the client broke the HTTP/2 "
+                            "protocol (%s)", link.peer, exc)
+                return
+            for event in events:
+                self._dispatch(event, nursery)
+            link.kick()
+
+    def _dispatch(self, event: object, nursery: trio.Nursery) -> None:
+        if isinstance(event, MessageReceived):
+            self.link.conn.acknowledge_received_data(event.stream_id, event.flow_controlled_length)
+            call = self.calls.get(event.stream_id)
+            if call is not None:
+                if call.request is None:
+                    call.request = event.data
+                else:
+                    call.extra_messages = True
+        elif isinstance(event, RequestReceived):
+            self._request_received(event)
+        elif isinstance(event, RequestEnded):
+            call = self.calls.get(event.stream_id)
+            if call is not None:
+                nursery.start_soon(self._run_call, call)
+        elif isinstance(event, WindowUpdated):
+            self.link.window_changed()
+        elif isinstance(event, CallReset):
+            call = self.calls.pop(event.stream_id, None)
+            if call is not None:
+                log.debug("%s: client reset %s", self.link.peer, call.route.path)
+                call.reset = True
+                call.scope.cancel()
+        elif isinstance(event, CallFailed):
+            call = self.calls.pop(event.stream_id, None)
+            if call is not None:
+                call.reset = True  # its answer is this status; nothing else may follow
+                call.scope.cancel()
+            log.warning("%s: failing a call: %s", self.link.peer, event.status)
+            self._answer(event.stream_id, event.status, response_started=False)
+
+    def _request_received(self, event: RequestReceived) -> None:
+        path = f"/{event.service_name}/{event.method_name}"
+        route = self.routes.get(path)
+        if route is None:
+            log.info("%s: %s is not implemented here", self.link.peer, path)
+            self.link.conn.message_read_buffers.pop(event.stream_id, None)
+            self._answer(
+                event.stream_id,
+                Status(StatusCode.UNIMPLEMENTED, f"method {path} is not implemented"),
+                response_started=False,
+            )
+            return
+        self.calls[event.stream_id] = _ServerCall(event.stream_id, route, event.timeout)
+
+    def _answer(self, stream_id: int, status: Status, *, response_started: bool) -> None:
+        """Queue the trailers that end a call with ``status``."""
+        conn = self.link.conn
+        try:
+            if response_started:
+                conn.end_response(stream_id, status)
+            else:
+                conn.respond_status(stream_id, status, CONTENT_TYPE_SUFFIX)
+        except h2.exceptions.StreamClosedError:
+            return  # reset meanwhile: nobody is listening
+        conn.message_read_buffers.pop(stream_id, None)
+        h2_stream = conn.h2_connection.streams.get(stream_id)
+        if h2_stream is not None and not h2_stream.closed:
+            # The client has not finished its request: tell it to stop sending, as gRPC
+            # servers do after an early answer.
+            try:
+                conn.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+            except h2.exceptions.StreamClosedError:
+                pass
+        self.link.kick()
+
+    async def _run_call(self, call: _ServerCall) -> None:
+        if call.timeout is not None:
+            call.scope.deadline = trio.current_time() + call.timeout.total_seconds()
+        status: Status | None = None
+        with call.scope:
+            status = await self._invoke(call)
+        self.calls.pop(call.stream_id, None)
+        if call.reset or status is None:
+            return
+        if call.scope.cancelled_caught:
+            status = Status(
+                StatusCode.DEADLINE_EXCEEDED,
+                f"{call.route.path} did not finish within the client's deadline "
+                f"({call.timeout.total_seconds() if call.timeout else 0:g} s)",
+            )
+        self._answer(call.stream_id, status, response_started=call.response_started)
+
+    async def _invoke(self, call: _ServerCall) -> Status | None:
+        route = call.route
+        if call.request is None or call.extra_messages:
+            got = "none" if call.request is None else "several"
+            return Status(StatusCode.INTERNAL, f"{route.path} takes one request message, got {got}")
+        try:
+            request = route.method.request_type.FromString(call.request)
+        except DecodeError as exc:
+            log.warning("%s: %s: bad request: %s", self.link.peer, route.path, exc)
+            return Status(StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            if route.method.server_streaming:
+                await route.handler(request, _Sender(self, call))  # type: ignore[call-arg]
+            else:
+                response = await route.handler(request)  # type: ignore[call-arg]
+                await self._send(call, response)
+        except RpcError as exc:
+            return exc.status
+        except RpcFailedError as exc:  # purerpc's own error types, raised by handlers used to them
+            return exc.status  # type: ignore[no-any-return]
+        except _StreamGone:
+            return None
+        except _BadResponse as exc:
+            log.error("%s: %s: %s", self.link.peer, route.path, exc)
+            return Status(StatusCode.INTERNAL, str(exc))
+        except Exception as exc:
+            log.exception("%s: %s failed", self.link.peer, route.path)
+            return Status(StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}")
+        return Status(StatusCode.OK)
+
+    async def _send(self, call: _ServerCall, response: object) -> None:
+        expected = call.route.method.response_type
+        if type(response) is not expected:
+            raise _BadResponse(
+                f"the handler returned {type(response).__name__}, expected {expected.__name__}"
+            )
+        try:
+            payload = response.SerializeToString()
+        except EncodeError as exc:
+            raise _BadResponse(f"the handler's response cannot be encoded: {exc}") from None
+        if call.reset:
+            raise _StreamGone("reset")
+        if not call.response_started:
+            self.link.conn.start_response(call.stream_id, CONTENT_TYPE_SUFFIX)
+            call.response_started = True
+        await self.link.send_message(call.stream_id, payload)
+
+
+class _BadResponse(Exception):
+    """Internal: a handler gave something that is not its method's response message."""
+
+
+class _Sender:
+    """The ``send`` a server-streaming handler awaits for each message."""
+
+    __slots__ = ("_connection", "_call")
+
+    def __init__(self, connection: _ServerConnection, call: _ServerCall) -> None:
+        self._connection = connection
+        self._call = call
+
+    async def __call__(self, message: Message) -> None:
+        await self._connection._send(self._call, message)
+
+
+def _check_unix_path(path: str) -> None:
+    if len(os.fsencode(path)) > MAX_UNIX_PATH:
+        raise ValueError(f"Unix socket path is longer than {MAX_UNIX_PATH} bytes: {path!r}")
+
+
+async def _bind_unix(path: str) -> trio.socket.SocketType:
+    _check_unix_path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(mode):
+            raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+        # A socket file left by an earlier instance: nobody can be served through it.
+        os.unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _unlink_if_ours(path: str, inode: int) -> None:
+    try:
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+async def serve_unix(
+    path: str | os.PathLike[str],
+    services: Iterable[Service],
+    *,
+    max_message_length: int = DEFAULT_MAX_MESSAGE_LENGTH,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Serve gRPC ``services`` on a Unix socket at ``path`` until cancelled.
+
+    Use it with ``await nursery.start(serve_unix, path, services)``, which returns the
+    path once the socket accepts connections.  A stale socket file at ``path`` is
+    replaced; any other file there is an error.  The socket file is removed on exit
+    unless something else has been bound there since.
+
+    Resource handling: each connection runs in a task of this server; cancelling the
+    server cancels every call and closes every connection.  Error handling: failures of
+    one connection (protocol errors, a peer that vanished) are logged and close that
+    connection only.
+    """
+    path = os.fspath(path)
+    routes = _build_routes(services)
+    sock = await _bind_unix(path)
+    inode = os.lstat(path).st_ino
+    listener = trio.SocketListener(sock)
+
+    connection_numbers = itertools.count(1)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        peer = f"{path} connection {next(connection_numbers)}"
+        try:
+            await _ServerConnection(stream, routes, max_message_length, peer).run()
+        except Exception:
+            # A bug in one connection must not take the server down with it.
+            log.exception("%s: connection failed; closing it", peer)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, handle, [listener])
+            log.info("serving %s on %s", ", ".join(sorted(routes)) or "nothing", path)
+            task_status.started(path)
+    finally:
+        _unlink_if_ours(path, inode)
+    raise AssertionError("trio.serve_listeners returned")  # pragma: no cover
+
+
+# --- client ----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _ClientCall:
+    stream_id: int
+    path: str
+    response_type: type[Message]
+    messages: collections.deque[tuple[bytes, int]] = field(default_factory=collections.deque)
+    status: Status | None = None
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class ResponseStream(Generic[_Resp]):
+    """The messages of a server-streaming call, as an async iterator."""
+
+    def __init__(self, channel: Channel, call: _ClientCall) -> None:
+        self._channel = channel
+        self._call = call
+
+    def __aiter__(self) -> ResponseStream[_Resp]:
+        return self
+
+    async def __anext__(self) -> _Resp:
+        message = await self._channel._receive(self._call)
+        if message is None:
+            raise StopAsyncIteration
+        return message  # type: ignore[return-value]
+
+
+class Channel:
+    """A client connection to a gRPC server on a Unix socket.
+
+    Made by :func:`open_unix_channel`.  Any number of calls may run on it at once.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, path: str, max_message_length: int) -> None:
+        self.path = path
+        self._link = _Link(
+            stream, GrpcConnection(client_side=True, max_message_length=max_message_length),
+            f"client of {path}",
+        )
+        self._calls: dict[int, _ClientCall] = {}
+        self._lost: Status | None = None
+
+    async def _run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        link = self._link
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.writer, nursery.cancel_scope)
+            link.conn.initiate_connection()
+            link.kick()
+            task_status.started()
+            try:
+                await self._read_loop()
+            finally:
+                self._connection_lost(f"connection to {self.path} closed")
+                nursery.cancel_scope.cancel()
+
+    async def _read_loop(self) -> None:
+        link = self._link
+        while True:
+            try:
+                data = await link.stream.receive_some(RECEIVE_SIZE)
+            except trio.BrokenResourceError:
+                data = b""
+            if not data:
+                return
+            try:
+                events = link.conn.receive_data(data)
+            except _PROTOCOL_ERRORS as exc:
+                log.warning("%s: closing the connection: the server broke the HTTP/2 "
+                            "protocol (%s)", self.path, exc)
+                self._connection_lost(f"protocol error from {self.path}: {exc}")
+                return
+            for event in events:
+                self._dispatch(event)
+            link.kick()
+
+    def _dispatch(self, event: object) -> None:
+        if isinstance(event, WindowUpdated):
+            self._link.window_changed()
+            return
+        stream_id = getattr(event, "stream_id", None)
+        call = self._calls.get(stream_id) if stream_id is not None else None
+        if call is None:
+            if isinstance(event, MessageReceived):
+                self._link.conn.acknowledge_received_data(stream_id, event.flow_controlled_length)
+            return
+        if isinstance(event, MessageReceived):
+            call.messages.append((event.data, event.flow_controlled_length))
+        elif isinstance(event, ResponseEnded):
+            call.status = event.status
+        elif isinstance(event, CallFailed):
+            call.status = event.status
+        elif isinstance(event, CallReset):
+            if call.status is None:
+                call.status = event.status()
+        elif not isinstance(event, ResponseReceived):
+            return
+        call.notify()
+
+    def _connection_lost(self, reason: str) -> None:
+        if self._lost is None:
+            self._lost = Status(StatusCode.UNAVAILABLE, reason)
+        for call in self._calls.values():
+            if call.status is None:
+                call.status = self._lost
+                call.notify()
+
+    async def _start(
+        self, service: ServiceDescriptor, name: str, request: Message, timeout: float | None
+    ) -> _ClientCall:
+        method = service.method(name)
+        if type(request) is not method.request_type:
+            raise TypeError(
+                f"{service.path(name)} takes {method.request_type.__name__}, "
+                f"not {type(request).__name__}"
+            )
+        if self._lost is not None:
+            raise RpcError(self._lost.status_code, self._lost.status_message)
+        payload = request.SerializeToString()
+        conn = self._link.conn
+        try:
+            stream_id = conn.get_next_available_stream_id()
+            conn.start_request(
+                stream_id, "http", service.full_name, method.name,
+                message_type=method.request_type.DESCRIPTOR.full_name,
+                authority="localhost",
+                timeout=None if timeout is None else datetime.timedelta(seconds=timeout),
+                content_type_suffix=CONTENT_TYPE_SUFFIX,
+            )
+        except h2.exceptions.H2Error as exc:  # the server sent GOAWAY, or stream IDs ran out
+            raise RpcError(StatusCode.UNAVAILABLE, f"{service.path(name)}: {exc}") from None
+        call = _ClientCall(stream_id, service.path(name), method.response_type)
+        self._calls[stream_id] = call
+        try:
+            await self._link.send_message(stream_id, payload)
+            conn.end_request(stream_id)
+        except (_StreamGone, GRPCError):
+            pass  # the answer (or the loss) arrives as the call's status
+        self._link.kick()
+        return call
+
+    def _end(self, call: _ClientCall) -> None:
+        self._calls.pop(call.stream_id, None)
+        if call.status is None and self._lost is None:
+            # Leaving before the server finished: reset the stream so the server
+            # cancels its handler.
+            try:
+                self._link.conn.reset_stream(call.stream_id, h2.errors.ErrorCodes.CANCEL)
+            except h2.exceptions.StreamClosedError:
+                pass
+            self._link.kick()
+
+    async def _receive(self, call: _ClientCall) -> Message | None:
+        while True:
+            if call.messages:
+                data, length = call.messages.popleft()
+                # Hand the flow-control credit back only as messages are consumed, so a
+                # slow reader holds back a fast server instead of buffering without end.
+                if call.status is None:
+                    self._link.conn.acknowledge_received_data(call.stream_id, length)
+                    self._link.kick()
+                try:
+                    return call.response_type.FromString(data)
+                except DecodeError as exc:
+                    raise RpcError(StatusCode.INTERNAL, f"{call.path}: bad response: {exc}") from None
+            if call.status is not None:
+                if call.status.status_code is StatusCode.OK:
+                    return None
+                raise RpcError(call.status.status_code, call.status.status_message)
+            await call.changed.wait()
+
+    async def unary(
+        self,
+        service: ServiceDescriptor,
+        name: str,
+        request: Message,
+        *,
+        timeout: float = DEFAULT_CALL_TIMEOUT,
+    ) -> Any:
+        """Call a unary method and return its response.
+
+        ``timeout`` (seconds) is sent as ``grpc-timeout`` and enforced here as well.
+        Raises :class:`RpcError` for any status but OK, ``DEADLINE_EXCEEDED`` when the
+        time is up and ``UNAVAILABLE`` when the connection is lost.
+        """
+        method = service.method(name)
+        if method.server_streaming:
+            raise TypeError(f"{service.path(name)} is server-streaming; use server_stream()")
+        try:
+            with trio.fail_after(timeout):
+                call = await self._start(service, name, request, timeout)
+                try:
+                    response = await self._receive(call)
+                    if response is None:
+                        raise RpcError(StatusCode.INTERNAL, f"{call.path}: no response message")
+                    if await self._receive(call) is not None:
+                        raise RpcError(StatusCode.INTERNAL, f"{call.path}: several response messages")
+                finally:
+                    self._end(call)
+        except trio.TooSlowError:
+            raise RpcError(
+                StatusCode.DEADLINE_EXCEEDED,
+                f"{service.path(name)}: no answer within {timeout:g} s",
+            ) from None
+        return response
+
+    @asynccontextmanager
+    async def server_stream(
+        self,
+        service: ServiceDescriptor,
+        name: str,
+        request: Message,
+        *,
+        timeout: float | None = None,
+    ) -> AsyncIterator[ResponseStream[Any]]:
+        """Start a server-streaming call; iterate the messages inside the block.
+
+        Leaving the block before the stream ended cancels the call on the server.  With
+        ``timeout`` the whole call is bounded (a ListAndWatch has none by design; the
+        server ending or the connection closing ends the iteration or raises
+        :class:`RpcError`).
+        """
+        method = service.method(name)
+        if not method.server_streaming:
+            raise TypeError(f"{service.path(name)} is unary; use unary()")
+        with trio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
+            call = await self._start(service, name, request, timeout)
+            try:
+                yield ResponseStream(self, call)
+            finally:
+                self._end(call)
+        if scope.cancelled_caught:
+            raise RpcError(
+                StatusCode.DEADLINE_EXCEEDED,
+                f"{service.path(name)}: did not end within {timeout:g} s",
+            )
+
+
+@asynccontextmanager
+async def open_unix_channel(
+    path: str | os.PathLike[str],
+    *,
+    connect_timeout: float = 10.0,
+    max_message_length: int = DEFAULT_MAX_MESSAGE_LENGTH,
+) -> AsyncIterator[Channel]:
+    """Connect to a gRPC server on a Unix socket; the connection closes with the block.
+
+    Raises :class:`RpcError` ``UNAVAILABLE`` if the socket cannot be reached within
+    ``connect_timeout`` seconds (missing, refused, or nobody accepting).
+    """
+    path = os.fspath(path)
+    _check_unix_path(path)
+    try:
+        with trio.fail_after(connect_timeout):
+            stream = await trio.open_unix_socket(path)
+    except (OSError, trio.TooSlowError) as exc:
+        reason = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+        raise RpcError(StatusCode.UNAVAILABLE, f"cannot connect to {path}: {reason}") from None
+    channel = Channel(stream, path, max_message_length)
+    async with stream:
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(channel._run)
+                try:
+                    yield channel
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The channel's own task ends quietly (it records a lost connection as the
+            # calls' status), so a group holding one exception holds the caller's: give
+            # it back unwrapped, as if no nursery were involved.
+            if len(group.exceptions) == 1:
+                exc = group.exceptions[0]
+                raise exc from exc.__cause__
+            raise
