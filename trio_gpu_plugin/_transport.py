@@ -64,6 +64,7 @@ from .proto import DecodeError, EncodeError, Message, MethodDescriptor, ServiceD
 __all__ = [
     "Channel",
     "DEFAULT_CALL_TIMEOUT",
+    "ResponseStream",
     "Service",
     "open_unix_channel",
     "serve_unix",
@@ -367,7 +368,7 @@ class _ServerConnection:
         except RpcError as exc:
             return exc.status
         except RpcFailedError as exc:  # purerpc's own error types, raised by handlers used to them
-            return exc.status  # type: ignore[no-any-return]
+            return exc.status
         except _StreamGone:
             return None
         except _BadResponse as exc:
@@ -770,6 +771,6 @@ async def open_unix_channel(
             # calls' status), so a group holding one exception holds the caller's: give
             # it back unwrapped, as if no nursery were involved.
             if len(group.exceptions) == 1:
-                exc = group.exceptions[0]
-                raise exc from exc.__cause__
+                only = group.exceptions[0]
+                raise only from only.__cause__
             raise

@@ -194,7 +194,8 @@ class Message:
         """
         data = _as_bytes(data)
         decoded = type(self)._decode_new(data)
-        for name in self.__slots__:
+        names: tuple[str, ...] = type(self).__slots__
+        for name in names:
             setattr(self, name, getattr(decoded, name))
         return len(data)
 
