@@ -339,7 +339,7 @@ class _ServerConnection:
         with call.scope:
             status = await self._invoke(call)
         self.calls.pop(call.stream_id, None)
-        if call.reset or status is None:
+        if call.reset:
             return
         if call.scope.cancelled_caught:
             status = Status(
@@ -347,6 +347,8 @@ class _ServerConnection:
                 f"{call.route.path} did not finish within the client's deadline "
                 f"({call.timeout.total_seconds() if call.timeout else 0:g} s)",
             )
+        if status is None:  # the stream went away while we were sending
+            return
         self._answer(call.stream_id, status, response_started=call.response_started)
 
     async def _invoke(self, call: _ServerCall) -> Status | None:
