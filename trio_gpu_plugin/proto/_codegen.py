@@ -58,7 +58,8 @@ _VARINT_FIXUPS: Final = {
     ],
     "uint32": ["v &= 0xFFFFFFFF"],
     "uint64": ["v &= 0xFFFFFFFFFFFFFFFF"],
-    "bool": [],
+    # protobuf reads a bool as a uint64 first: only the low 64 bits decide.
+    "bool": ["v &= 0xFFFFFFFFFFFFFFFF"],
 }
 
 
@@ -244,133 +245,235 @@ def _decoder_source(msg: type[Message]) -> list[str]:
 
 
 # --- encoding --------------------------------------------------------------------------
+#
+# Strategy: one list of byte pieces for the whole message tree, joined once at the end.
+# A sub-message's length prefix is not known until its fields are encoded, so a slot is
+# reserved for it (``ap(None)``), its pieces appended after, and the slot filled once the
+# size, summed as the pieces go, is known.  No piece is ever copied into an intermediate
+# bytes object, which is what a "encode the child, then prefix it" scheme spends its time
+# on.  Each message's encoder inlines those of the messages it contains (the schema is
+# acyclic, so this ends), with locals suffixed by nesting depth.  Tags and one-byte
+# lengths (or one-byte varint values) come pre-joined from tables.  Before each field,
+# ``w`` is set to a constant naming it, which is all the error path needs.
 
 _LENGTH_PREFIX: Final = "(_V1[n] if n < 128 else _venc(n))"
 
 
-def _encode_scalar(type_name: str, src: str, tag: str, out: str) -> list[str]:
-    """Statements setting ``out`` to ``tag`` plus the encoding of scalar ``src``."""
-    if type_name == "string":
-        return [f"b = {src}.encode()", "n = len(b)", f"{out} = {tag} + {_LENGTH_PREFIX} + b"]
-    if type_name == "bytes":
+class _Tables:
+    """Tag tables the generated code needs: ``_Tn[i]`` is tag ``n`` followed by byte ``i``."""
+
+    def __init__(self) -> None:
+        self.namespace: dict[str, tuple[bytes, ...]] = {}
+
+    def __call__(self, number: int, wire_type: int) -> str:
+        tag = _tag(number, wire_type)
+        name = f"_T{tag}"
+        if name not in self.namespace:
+            prefix = _wire.encode_varint(tag)
+            self.namespace[name] = tuple(prefix + bytes((i,)) for i in range(128))
+        return name
+
+
+def _append_scalar(
+    type_name: str, src: str, number: int, size: str, tables: _Tables
+) -> list[str]:
+    """Statements appending field ``number`` holding scalar ``src``; ``size`` grows by its length."""
+    wire_type = SCALARS[type_name][0]
+    tag = _tag_literal(number, wire_type)
+    table = tables(number, wire_type)
+    tag_length = len(_wire.encode_varint(_tag(number, wire_type)))
+    if type_name in ("string", "bytes"):
+        if type_name == "string":
+            convert = [f"e = {src}.encode()"]
+        else:
+            convert = [
+                f"if not isinstance({src}, (bytes, bytearray)):",
+                f"    raise _Invalid('expected bytes, got ' + type({src}).__name__)",
+                f"e = bytes({src})",
+            ]
         return [
-            f"if not isinstance({src}, (bytes, bytearray)):",
-            f"    raise _Invalid('expected bytes, got ' + type({src}).__name__)",
-            f"n = len({src})",
-            f"{out} = {tag} + {_LENGTH_PREFIX} + bytes({src})",
+            *convert,
+            "n = len(e)",
+            f"t = {table}[n] if n < 128 else {tag} + _venc(n)",
+            "ap(t)",
+            "ap(e)",
+            f"{size} += n + len(t)",
         ]
     if type_name == "bool":
         return [
             f"if {src} is True:",
-            f"    {out} = {tag} + b'\\x01'",
+            f"    ap({table}[1])",
             f"elif {src} is False:",
-            f"    {out} = {tag} + b'\\x00'",
+            f"    ap({table}[0])",
             "else:",
             f"    raise _Invalid('expected bool, got ' + type({src}).__name__)",
+            f"{size} += {tag_length + 1}",
         ]
     low, high = _INT_RANGES[type_name]
     return [
-        f"if {src}.__class__ is not int and not isinstance({src}, int):",
+        f"if {src}.__class__ is int and 0 <= {src} < 128:",
+        f"    ap({table}[{src}])",
+        f"    {size} += {tag_length + 1}",
+        f"elif not isinstance({src}, int):",
         f"    raise _Invalid('expected int, got ' + type({src}).__name__)",
-        f"if 0 <= {src} < 128:",
-        f"    {out} = {tag} + _V1[{src}]",
         f"elif {low} <= {src} <= {high}:",
-        f"    {out} = {tag} + _venc({src} & 0xFFFFFFFFFFFFFFFF)",
+        f"    e = _venc({src} & 0xFFFFFFFFFFFFFFFF)",
+        f"    ap({tag} + e)",
+        f"    {size} += {tag_length} + len(e)",
         "else:",
         f"    raise _Invalid(repr({src}) + ' is out of range for {type_name}')",
     ]
 
 
-def _check_message(type_name: str, src: str) -> list[str]:
+def _scalar_bytes(type_name: str, src: str, out: str) -> list[str]:
+    """Statements setting ``out`` to the encoding of scalar ``src``, without a tag."""
+    if type_name == "string":
+        return [f"e = {src}.encode()", "n = len(e)", f"{out} = {_LENGTH_PREFIX} + e"]
+    if type_name == "bytes":
+        return [
+            f"if not isinstance({src}, (bytes, bytearray)):",
+            f"    raise _Invalid('expected bytes, got ' + type({src}).__name__)",
+            f"n = len({src})",
+            f"{out} = {_LENGTH_PREFIX} + bytes({src})",
+        ]
+    if type_name == "bool":
+        return [
+            f"if {src} is True:",
+            f"    {out} = b'\\x01'",
+            f"elif {src} is False:",
+            f"    {out} = b'\\x00'",
+            "else:",
+            f"    raise _Invalid('expected bool, got ' + type({src}).__name__)",
+        ]
+    low, high = _INT_RANGES[type_name]
+    return [
+        f"if not isinstance({src}, int):",
+        f"    raise _Invalid('expected int, got ' + type({src}).__name__)",
+        f"if {low} <= {src} <= {high}:",
+        f"    {out} = _venc({src} & 0xFFFFFFFFFFFFFFFF)",
+        "else:",
+        f"    raise _Invalid(repr({src}) + ' is out of range for {type_name}')",
+    ]
+
+
+def _append_length_delimited(number: int, size: str, outer_size: str, slot: str,
+                             tables: _Tables) -> list[str]:
+    """Fill the slot reserved for a length prefix, once the payload size is known."""
+    table = tables(number, _wire.WIRETYPE_LENGTH_DELIMITED)
+    tag = _tag_literal(number, _wire.WIRETYPE_LENGTH_DELIMITED)
+    return [
+        f"t = {table}[{size}] if {size} < 128 else {tag} + _venc({size})",
+        f"p[{slot}] = t",
+        f"{outer_size} += {size} + len(t)",
+    ]
+
+
+def _check_class(type_name: str, src: str) -> list[str]:
     return [
         f"if {src}.__class__ is not _C_{type_name}:",
         f"    raise _Invalid('expected {type_name}, got ' + type({src}).__name__)",
     ]
 
 
-def _encode_field(f: FieldDescriptor) -> list[str]:
-    lines = [f"name = {f.name!r}"]
-    if f.label is Label.MAP:
-        assert f.key_type is not None
-        lines += [
-            f"vs = o.{f.name}",
-            "if not isinstance(vs, _Mapping):",
-            "    raise _Invalid('expected a dict, got ' + type(vs).__name__)",
-            "for key, v in vs.items():",
-            *_indent(_encode_scalar(f.key_type, "key", repr(b"\n"), "kb")),
-            *_indent(_encode_scalar(f.type, "v", repr(b"\x12"), "vb")),
-            "    b = kb + vb",
-            "    n = len(b)",
-            f"    ap({_tag_literal(f.number, 2)} + {_LENGTH_PREFIX} + b)",
-        ]
-        return lines
-    if f.label is Label.REPEATED:
-        lines += [
-            f"vs = o.{f.name}",
-            "if vs.__class__ is not list and not isinstance(vs, _SEQUENCES):",
-            "    raise _Invalid('expected a list, got ' + type(vs).__name__)",
-        ]
-        if f.is_message:
-            lines += [
-                "for v in vs:",
-                *_indent(_check_message(f.type, "v")),
-                f"    b = _enc_{f.type}(v)",
-                "    n = len(b)",
-                f"    ap({_tag_literal(f.number, 2)} + {_LENGTH_PREFIX} + b)",
-            ]
-        elif SCALARS[f.type][0] == _wire.WIRETYPE_VARINT:
-            # proto3 packs repeated scalars by default.
-            lines += [
-                "if vs:",
-                "    chunks = []",
-                "    for v in vs:",
-                *_indent(_encode_scalar(f.type, "v", "b''", "x"), 2),
-                "        chunks.append(x)",
-                "    b = b''.join(chunks)",
-                "    n = len(b)",
-                f"    ap({_tag_literal(f.number, 2)} + {_LENGTH_PREFIX} + b)",
-            ]
-        else:
-            lines += [
-                "for v in vs:",
-                *_indent(_encode_scalar(f.type, "v", _tag_literal(f.number, 2), "x")),
-                "    ap(x)",
-            ]
-        return lines
-    lines.append(f"v = o.{f.name}")
-    if f.is_message:
-        return lines + [
-            "if v is not None:",
-            *_indent(_check_message(f.type, "v")),
-            f"    b = _enc_{f.type}(v)",
-            "    n = len(b)",
-            f"    ap({_tag_literal(f.number, 2)} + {_LENGTH_PREFIX} + b)",
-        ]
-    wire_type, default = SCALARS[f.type]
-    test = "v is not False" if f.type == "bool" else f"v != {default!r}"
-    return lines + [
-        f"if {test}:",
-        *_indent(_encode_scalar(f.type, "v", _tag_literal(f.number, wire_type), "x")),
-        "    ap(x)",
+def _check_list(src: str) -> list[str]:
+    return [
+        f"if {src}.__class__ is not list and not isinstance({src}, _SEQUENCES):",
+        f"    raise _Invalid('expected a list, got ' + type({src}).__name__)",
     ]
 
 
-def _encoder_source(msg: type[Message]) -> list[str]:
-    name = msg.__name__
-    body = [line for f in msg.DESCRIPTOR.fields for line in _encode_field(f)]
+def _encode_message(
+    msg: type[Message], obj: str, depth: int, outer: str, path: tuple[str, ...],
+    classes: Mapping[str, type[Message]], tables: _Tables,
+) -> list[str]:
+    """Statements appending the fields of message ``obj``; ``s<depth>`` is their size."""
+    size = f"s{depth}"
+    x = f"x{depth}"
+    lines = [f"{size} = 0"]
+    for f in msg.DESCRIPTOR.fields:
+        where = f"w = {(outer, path, msg.DESCRIPTOR.full_name, f.name)!r}"
+        lines += [where, f"{x} = {obj}.{f.name}"]
+        if f.is_message:
+            sub, slot = f"m{depth + 1}", f"i{depth + 1}"
+            body = [
+                *_check_class(f.type, sub),
+                f"{slot} = len(p)",
+                "ap(None)",
+                *_encode_message(classes[f.type], sub, depth + 1, outer, (*path, f.name),
+                                 classes, tables),
+                *_append_length_delimited(f.number, f"s{depth + 1}", size, slot, tables),
+            ]
+            if f.label is Label.REPEATED:
+                # ``where`` again: encoding the previous element moved ``w`` into it.
+                lines += [*_check_list(x), f"for {sub} in {x}:", *_indent([where, *body])]
+            else:
+                lines += [f"if {x} is not None:", f"    {sub} = {x}", *_indent(body)]
+        elif f.label is Label.MAP:
+            assert f.key_type is not None
+            key_tag = _tag_literal(1, SCALARS[f.key_type][0])
+            value_tag = _tag_literal(2, SCALARS[f.type][0])
+            lines += [
+                f"if not isinstance({x}, _Mapping):",
+                f"    raise _Invalid('expected a dict, got ' + type({x}).__name__)",
+                f"for key, value in {x}.items():",
+                *_indent(_scalar_bytes(f.key_type, "key", "kb")),
+                *_indent(_scalar_bytes(f.type, "value", "vb")),
+                f"    e = {key_tag} + kb + {value_tag} + vb",
+                "    n = len(e)",
+                f"    t = {tables(f.number, 2)}[n] if n < 128 else "
+                f"{_tag_literal(f.number, 2)} + _venc(n)",
+                "    ap(t)",
+                "    ap(e)",
+                f"    {size} += n + len(t)",
+            ]
+        elif f.label is Label.REPEATED:
+            lines += _check_list(x)
+            if SCALARS[f.type][0] == _wire.WIRETYPE_VARINT:
+                # proto3 packs repeated scalars by default.
+                lines += [
+                    f"if {x}:",
+                    "    chunks = []",
+                    f"    for item in {x}:",
+                    *_indent(_scalar_bytes(f.type, "item", "e"), 2),
+                    "        chunks.append(e)",
+                    "    e = b''.join(chunks)",
+                    "    n = len(e)",
+                    f"    t = {tables(f.number, 2)}[n] if n < 128 else "
+                    f"{_tag_literal(f.number, 2)} + _venc(n)",
+                    "    ap(t)",
+                    "    ap(e)",
+                    f"    {size} += n + len(t)",
+                ]
+            else:
+                lines += [
+                    f"for item in {x}:",
+                    *_indent(_append_scalar(f.type, "item", f.number, size, tables)),
+                ]
+        else:
+            default = SCALARS[f.type][1]
+            test = f"{x} is not False" if f.type == "bool" else f"{x} != {default!r}"
+            lines += [
+                f"if {test}:",
+                *_indent(_append_scalar(f.type, x, f.number, size, tables)),
+            ]
+    return lines
+
+
+def _encoder_source(
+    msg: type[Message], classes: Mapping[str, type[Message]], tables: _Tables
+) -> list[str]:
+    name = msg.DESCRIPTOR.name
+    body = _encode_message(msg, "m0", 0, msg.DESCRIPTOR.full_name, (), classes, tables)
     return [
-        f"def _enc_{name}(o):",
-        "    parts = []",
-        "    ap = parts.append",
-        "    name = ''",
+        f"def _enc_{name}(m0):",
+        "    w = None",
+        "    p = []",
+        "    ap = p.append",
         "    try:",
-        *_indent(body or ["pass"], 2),
-        "    except _EncodeError as exc:",
-        f"        exc._enter(_TYPE_{name}, name)",
-        "        raise",
+        *_indent(body, 2),
         "    except (_Invalid, AttributeError, TypeError, ValueError) as exc:",
-        f"        raise _encode_error(_TYPE_{name}, name, exc) from None",
-        "    return b''.join(parts)",
+        "        raise _encode_error(w, exc) from None",
+        "    return b''.join(p)",
         "",
     ]
 
@@ -394,12 +497,15 @@ def _error(
     return _wire.DecodeError(message_type, _field_name(names, tag), pos, reason)
 
 
-def _encode_error(message_type: str, field: str, exc: Exception) -> _wire.EncodeError:
-    if isinstance(exc, _Invalid):
-        reason = str(exc)
-    else:
-        reason = f"{type(exc).__name__}: {exc}"
-    return _wire.EncodeError(message_type, field, reason)
+def _encode_error(
+    where: tuple[str, tuple[str, ...], str, str], exc: Exception
+) -> _wire.EncodeError:
+    outer, path, message_type, field = where
+    reason = str(exc) if isinstance(exc, _Invalid) else f"{type(exc).__name__}: {exc}"
+    error = _wire.EncodeError(message_type, field, reason)
+    error.path = list(path)
+    error.outer_type = outer
+    return error
 
 
 def _check_acyclic(classes: Mapping[str, type[Message]]) -> None:
@@ -444,7 +550,6 @@ def compile_package(classes: Iterable[type[Message]]) -> None:
         "_V1": _wire.VARINT_1,
         "_Malformed": _wire.Malformed,
         "_DecodeError": _wire.DecodeError,
-        "_EncodeError": _wire.EncodeError,
         "_Invalid": _Invalid,
         "_error": _error,
         "_encode_error": _encode_error,
@@ -455,6 +560,7 @@ def compile_package(classes: Iterable[type[Message]]) -> None:
         "_ENTRY_NAMES": {1: "key", 2: "value"},
     }
     source: list[str] = []
+    tables = _Tables()
     for name, cls in by_name.items():
         namespace[f"_C_{name}"] = cls
         namespace[f"_TYPE_{name}"] = cls.DESCRIPTOR.full_name
@@ -463,7 +569,8 @@ def compile_package(classes: Iterable[type[Message]]) -> None:
             if f.label is Label.MAP:
                 entry_type = f"{cls.DESCRIPTOR.full_name}.{f.name.title().replace('_', '')}Entry"
                 namespace[f"_TYPE_{name}_{f.name}"] = entry_type
-        source += _encoder_source(cls) + _decoder_source(cls)
+        source += _encoder_source(cls, by_name, tables) + _decoder_source(cls)
+    namespace.update(tables.namespace)
     text = "\n".join(source)
     package = next(iter(packages))
     _SOURCES[package] = text
