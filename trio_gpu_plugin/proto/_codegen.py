@@ -187,7 +187,7 @@ def _error_handlers(type_const: str, names_const: str) -> list[str]:
         f"    raise _error({type_const}, {names_const}, tag, pos, "
         "'invalid UTF-8 in a string field') from None",
         "except _Malformed as exc:",
-        f"    raise _error({type_const}, {names_const}, tag, pos, exc.reason) from None",
+        f"    raise _malformed({type_const}, {names_const}, tag, pos, exc) from None",
         "except _DecodeError as exc:",
         f"    exc._enter({type_const}, _field_name({names_const}, tag))",
         "    raise",
@@ -215,9 +215,17 @@ def _decoder_source(msg: type[Message]) -> list[str]:
     new += ["    return o", ""]
 
     merge = [f"def _merge_{name}(buf, pos, end, o):"]
-    merge += _indent([f"f_{f.name} = o.{f.name}" for f in fields])
+    for f in fields:
+        merge += _indent([f"f_{f.name} = o.{f.name}"])
+        if f.label is Label.REPEATED:
+            # The encoder accepts tuples; merging appends, so make it a list.
+            merge += _indent([f"if f_{f.name}.__class__ is not list:",
+                              f"    f_{f.name} = list(f_{f.name})"])
+        elif f.label is Label.MAP:
+            merge += _indent([f"if f_{f.name}.__class__ is not dict:",
+                              f"    f_{f.name} = dict(f_{f.name})"])
     merge += _indent(body)
-    merge += _indent([f"o.{f.name} = f_{f.name}" for f in fields if f.label is Label.SINGULAR])
+    merge += _indent([f"o.{f.name} = f_{f.name}" for f in fields])
     merge += ["    return None", ""]
 
     entries: list[str] = []
@@ -491,10 +499,34 @@ def _field_name(names: Mapping[int, str], tag: int) -> str:
     return names.get(tag >> 3, f"field {tag >> 3}")
 
 
+def _map_entry_name(field_name: str) -> str:
+    """The nested type protoc makes for a map field: ``cdi_devices`` -> ``CdiDevicesEntry``.
+
+    protoc's ToCamelCase: drop underscores, upper-case the first letter and each letter
+    after an underscore, leave everything else as it is.
+    """
+    out = []
+    upper_next = True
+    for char in field_name:
+        if char == "_":
+            upper_next = True
+        else:
+            out.append(char.upper() if upper_next else char)
+            upper_next = False
+    return "".join(out) + "Entry"
+
+
 def _error(
     message_type: str, names: Mapping[int, str], tag: int, pos: int, reason: str
 ) -> _wire.DecodeError:
     return _wire.DecodeError(message_type, _field_name(names, tag), pos, reason)
+
+
+def _malformed(
+    message_type: str, names: Mapping[int, str], tag: int, pos: int, exc: _wire.Malformed
+) -> _wire.DecodeError:
+    offset = pos if exc.offset is None else exc.offset
+    return _wire.DecodeError(message_type, _field_name(names, tag), offset, exc.reason)
 
 
 def _encode_error(
@@ -552,6 +584,7 @@ def compile_package(classes: Iterable[type[Message]]) -> None:
         "_DecodeError": _wire.DecodeError,
         "_Invalid": _Invalid,
         "_error": _error,
+        "_malformed": _malformed,
         "_encode_error": _encode_error,
         "_field_name": _field_name,
         "_object_new": object.__new__,
@@ -567,7 +600,7 @@ def compile_package(classes: Iterable[type[Message]]) -> None:
         namespace[f"_NAMES_{name}"] = {f.number: f.name for f in cls.DESCRIPTOR.fields}
         for f in cls.DESCRIPTOR.fields:
             if f.label is Label.MAP:
-                entry_type = f"{cls.DESCRIPTOR.full_name}.{f.name.title().replace('_', '')}Entry"
+                entry_type = f"{cls.DESCRIPTOR.full_name}.{_map_entry_name(f.name)}"
                 namespace[f"_TYPE_{name}_{f.name}"] = entry_type
         source += _encoder_source(cls, by_name, tables) + _decoder_source(cls)
     namespace.update(tables.namespace)

@@ -105,8 +105,10 @@ class EncodeError(ValueError):
 class Malformed(Exception):
     """Internal: raised by the helpers below, turned into :class:`DecodeError` by the caller."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, offset: int | None = None) -> None:
         self.reason = reason
+        # Where the bad bytes start, when the helper knows better than its caller.
+        self.offset = offset
         super().__init__(reason)
 
 
@@ -187,20 +189,22 @@ def _skip_group(buf: bytes, pos: int, end: int, number: int) -> int:
     while open_groups:
         if pos >= end:
             raise Malformed(f"group for field {open_groups[-1]} is not terminated")
+        start = pos
         tag, pos = read_tag(buf, pos)
         field_number = tag >> 3
         wire_type = tag & 7
         if field_number == 0:
-            raise Malformed("field number 0 is not allowed")
+            raise Malformed("field number 0 is not allowed", start)
         if wire_type == WIRETYPE_START_GROUP:
             if len(open_groups) >= MAX_GROUP_DEPTH:
-                raise Malformed(f"groups nested deeper than {MAX_GROUP_DEPTH} levels")
+                raise Malformed(f"groups nested deeper than {MAX_GROUP_DEPTH} levels", start)
             open_groups.append(field_number)
         elif wire_type == WIRETYPE_END_GROUP:
             if field_number != open_groups[-1]:
                 raise Malformed(
                     f"end-group for field {field_number} closes the group of field "
-                    f"{open_groups[-1]}"
+                    f"{open_groups[-1]}",
+                    start,
                 )
             open_groups.pop()
         else:
