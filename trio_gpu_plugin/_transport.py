@@ -149,6 +149,7 @@ class _Link:
         self._window = trio.Event()
         self._closing = False
         self.broken = False
+        self.protocol_error: str | None = None
         self.writer_done = trio.Event()
 
     def kick(self) -> None:
@@ -181,6 +182,28 @@ class _Link:
             cancel_connection.cancel()
         finally:
             self.writer_done.set()
+
+    async def receive_events(self) -> list[object] | None:
+        """The events of the next bytes received; ``None`` at EOF or on a protocol error.
+
+        A protocol error is logged and kept in :attr:`protocol_error`; h2 has queued a
+        GOAWAY for the writer to send by then.
+        """
+        try:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        except trio.BrokenResourceError:
+            data = b""
+        if not data:
+            log.debug("%s: the peer closed the connection", self.peer)
+            return None
+        try:
+            events: list[object] = self.conn.receive_data(data)
+        except _PROTOCOL_ERRORS as exc:
+            log.warning("%s: closing the connection: the peer broke the HTTP/2 protocol (%s)",
+                        self.peer, exc)
+            self.protocol_error = str(exc)
+            return None
+        return events
 
     async def send_message(self, stream_id: int, payload: bytes) -> None:
         """Queue one gRPC message on a stream, waiting for flow-control credit as needed."""
@@ -247,24 +270,10 @@ class _ServerConnection:
                 nursery.cancel_scope.cancel()
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
-        link = self.link
-        while True:
-            try:
-                data = await link.stream.receive_some(RECEIVE_SIZE)
-            except trio.BrokenResourceError:
-                data = b""
-            if not data:
-                log.debug("%s: client closed the connection", link.peer)
-                return
-            try:
-                events = link.conn.receive_data(data)
-            except _PROTOCOL_ERRORS as exc:
-                log.warning("%s: closing the connection: the client broke the HTTP/2 "
-                            "protocol (%s)", link.peer, exc)
-                return
+        while (events := await self.link.receive_events()) is not None:
             for event in events:
                 self._dispatch(event, nursery)
-            link.kick()
+            self.link.kick()
 
     def _dispatch(self, event: object, nursery: trio.Nursery) -> None:
         if isinstance(event, MessageReceived):
@@ -539,7 +548,7 @@ class Channel:
         self.path = path
         self._link = _Link(
             stream, GrpcConnection(client_side=True, max_message_length=max_message_length),
-            f"client of {path}",
+            f"server {path}",
         )
         self._calls: dict[int, _ClientCall] = {}
         self._lost: Status | None = None
@@ -559,23 +568,12 @@ class Channel:
 
     async def _read_loop(self) -> None:
         link = self._link
-        while True:
-            try:
-                data = await link.stream.receive_some(RECEIVE_SIZE)
-            except trio.BrokenResourceError:
-                data = b""
-            if not data:
-                return
-            try:
-                events = link.conn.receive_data(data)
-            except _PROTOCOL_ERRORS as exc:
-                log.warning("%s: closing the connection: the server broke the HTTP/2 "
-                            "protocol (%s)", self.path, exc)
-                self._connection_lost(f"protocol error from {self.path}: {exc}")
-                return
+        while (events := await link.receive_events()) is not None:
             for event in events:
                 self._dispatch(event)
             link.kick()
+        if link.protocol_error is not None:
+            self._connection_lost(f"protocol error from {self.path}: {link.protocol_error}")
 
     def _dispatch(self, event: object) -> None:
         if isinstance(event, WindowUpdated):

@@ -299,14 +299,7 @@ def _append_scalar(
                 f"    raise _Invalid('expected bytes, got ' + type({src}).__name__)",
                 f"e = bytes({src})",
             ]
-        return [
-            *convert,
-            "n = len(e)",
-            f"t = {table}[n] if n < 128 else {tag} + _venc(n)",
-            "ap(t)",
-            "ap(e)",
-            f"{size} += n + len(t)",
-        ]
+        return [*convert, *_append_payload(number, size, tables)]
     if type_name == "bool":
         return [
             f"if {src} is True:",
@@ -330,6 +323,17 @@ def _append_scalar(
         f"    {size} += {tag_length} + len(e)",
         "else:",
         f"    raise _Invalid(repr({src}) + ' is out of range for {type_name}')",
+    ]
+
+
+def _append_payload(number: int, size: str, tables: _Tables) -> list[str]:
+    """Append field ``number`` whose length-delimited payload is ``e``."""
+    return [
+        "n = len(e)",
+        f"t = {tables(number, 2)}[n] if n < 128 else {_tag_literal(number, 2)} + _venc(n)",
+        "ap(t)",
+        "ap(e)",
+        f"{size} += n + len(t)",
     ]
 
 
@@ -427,12 +431,7 @@ def _encode_message(
                 *_indent(_scalar_bytes(f.key_type, "key", "kb")),
                 *_indent(_scalar_bytes(f.type, "value", "vb")),
                 f"    e = {key_tag} + kb + {value_tag} + vb",
-                "    n = len(e)",
-                f"    t = {tables(f.number, 2)}[n] if n < 128 else "
-                f"{_tag_literal(f.number, 2)} + _venc(n)",
-                "    ap(t)",
-                "    ap(e)",
-                f"    {size} += n + len(t)",
+                *_indent(_append_payload(f.number, size, tables)),
             ]
         elif f.label is Label.REPEATED:
             lines += _check_list(x)
@@ -445,12 +444,7 @@ def _encode_message(
                     *_indent(_scalar_bytes(f.type, "item", "e"), 2),
                     "        chunks.append(e)",
                     "    e = b''.join(chunks)",
-                    "    n = len(e)",
-                    f"    t = {tables(f.number, 2)}[n] if n < 128 else "
-                    f"{_tag_literal(f.number, 2)} + _venc(n)",
-                    "    ap(t)",
-                    "    ap(e)",
-                    f"    {size} += n + len(t)",
+                    *_indent(_append_payload(f.number, size, tables)),
                 ]
             else:
                 lines += [
