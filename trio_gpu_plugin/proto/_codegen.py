@@ -282,10 +282,23 @@ class _Tables:
         return name
 
 
-def _append_scalar(
-    type_name: str, src: str, number: int, size: str, tables: _Tables
-) -> list[str]:
-    """Statements appending field ``number`` holding scalar ``src``; ``size`` grows by its length."""
+class _Out:
+    """Where encoded pieces go: appended to the shared list ``p`` (with the size kept in
+    ``size``), or, for a leaf message, concatenated into the bytes local ``target``."""
+
+    def __init__(self, size: str | None = None, target: str | None = None) -> None:
+        self.size = size
+        self.target = target
+
+    def put(self, expr: str) -> str:
+        return f"{self.target} += {expr}" if self.target else f"ap({expr})"
+
+    def grow(self, expr: str) -> list[str]:
+        return [f"{self.size} += {expr}"] if self.size else []
+
+
+def _append_scalar(type_name: str, src: str, number: int, out: _Out, tables: _Tables) -> list[str]:
+    """Statements putting field ``number`` holding scalar ``src`` out."""
     wire_type = SCALARS[type_name][0]
     tag = _tag_literal(number, wire_type)
     table = tables(number, wire_type)
@@ -299,42 +312,55 @@ def _append_scalar(
                 f"    raise _Invalid('expected bytes, got ' + type({src}).__name__)",
                 f"e = bytes({src})",
             ]
-        return [*convert, *_append_payload(number, size, tables)]
+        return [*convert, *_append_payload(number, out, tables)]
     if type_name == "bool":
         return [
             f"if {src} is True:",
-            f"    ap({table}[1])",
+            f"    {out.put(f'{table}[1]')}",
             f"elif {src} is False:",
-            f"    ap({table}[0])",
+            f"    {out.put(f'{table}[0]')}",
             "else:",
             f"    raise _Invalid('expected bool, got ' + type({src}).__name__)",
-            f"{size} += {tag_length + 1}",
+            *out.grow(str(tag_length + 1)),
         ]
     low, high = _INT_RANGES[type_name]
     return [
         f"if {src}.__class__ is int and 0 <= {src} < 128:",
-        f"    ap({table}[{src}])",
-        f"    {size} += {tag_length + 1}",
+        f"    {out.put(f'{table}[{src}]')}",
+        *_indent(out.grow(str(tag_length + 1))),
         f"elif not isinstance({src}, int):",
         f"    raise _Invalid('expected int, got ' + type({src}).__name__)",
         f"elif {low} <= {src} <= {high}:",
-        f"    e = _venc({src} & 0xFFFFFFFFFFFFFFFF)",
-        f"    ap({tag} + e)",
-        f"    {size} += {tag_length} + len(e)",
+        f"    e = {tag} + _venc({src} & 0xFFFFFFFFFFFFFFFF)",
+        f"    {out.put('e')}",
+        *_indent(out.grow("len(e)")),
         "else:",
         f"    raise _Invalid(repr({src}) + ' is out of range for {type_name}')",
     ]
 
 
-def _append_payload(number: int, size: str, tables: _Tables) -> list[str]:
-    """Append field ``number`` whose length-delimited payload is ``e``."""
+def _prefix(number: int, length: str, tables: _Tables, store: str, grow: _Out) -> list[str]:
+    """Store (with the ``store`` format) the tag and length prefix of a length-delimited
+    field whose payload is ``length`` bytes long; ``grow`` counts prefix and payload."""
+    tag_length = len(_wire.encode_varint(_tag(number, _wire.WIRETYPE_LENGTH_DELIMITED)))
     return [
-        "n = len(e)",
-        f"t = {tables(number, 2)}[n] if n < 128 else {_tag_literal(number, 2)} + _venc(n)",
-        "ap(t)",
-        "ap(e)",
-        f"{size} += n + len(t)",
+        f"if {length} < 128:",
+        f"    {store.format(f'{tables(number, 2)}[{length}]')}",
+        *_indent(grow.grow(f"{length} + {tag_length + 1}")),
+        "else:",
+        f"    t = {_tag_literal(number, 2)} + _venc({length})",
+        f"    {store.format('t')}",
+        *_indent(grow.grow(f"{length} + len(t)")),
     ]
+
+
+def _append_payload(number: int, out: _Out, tables: _Tables) -> list[str]:
+    """Put field ``number`` whose length-delimited payload is ``e`` out."""
+    return ["n = len(e)", *_prefix(number, "n", tables, out.put("{}"), out), out.put("e")]
+
+
+def _is_leaf(msg: type[Message]) -> bool:
+    return all(f.label is Label.SINGULAR and not f.is_message for f in msg.DESCRIPTOR.fields)
 
 
 def _scalar_bytes(type_name: str, src: str, out: str) -> list[str]:
@@ -371,19 +397,15 @@ def _scalar_bytes(type_name: str, src: str, out: str) -> list[str]:
 def _append_length_delimited(number: int, size: str, outer_size: str, slot: str,
                              tables: _Tables) -> list[str]:
     """Fill the slot reserved for a length prefix, once the payload size is known."""
-    table = tables(number, _wire.WIRETYPE_LENGTH_DELIMITED)
-    tag = _tag_literal(number, _wire.WIRETYPE_LENGTH_DELIMITED)
-    return [
-        f"t = {table}[{size}] if {size} < 128 else {tag} + _venc({size})",
-        f"p[{slot}] = t",
-        f"{outer_size} += {size} + len(t)",
-    ]
+    return _prefix(number, size, tables, f"p[{slot}] = {{}}", _Out(size=outer_size))
 
 
-def _check_class(type_name: str, src: str) -> list[str]:
+def _check_class(type_name: str, src: str, where: str) -> list[str]:
+    # The raise names its field itself: in a repeated field, ``w`` may still point into
+    # the previous element.
     return [
         f"if {src}.__class__ is not _C_{type_name}:",
-        f"    raise _Invalid('expected {type_name}, got ' + type({src}).__name__)",
+        f"    raise _Invalid('expected {type_name}, got ' + type({src}).__name__, {where})",
     ]
 
 
@@ -396,28 +418,43 @@ def _check_list(src: str) -> list[str]:
 
 def _encode_message(
     msg: type[Message], obj: str, depth: int, outer: str, path: tuple[str, ...],
-    classes: Mapping[str, type[Message]], tables: _Tables,
+    classes: Mapping[str, type[Message]], tables: _Tables, *, leaf: bool = False,
 ) -> list[str]:
-    """Statements appending the fields of message ``obj``; ``s<depth>`` is their size."""
+    """Statements encoding the fields of message ``obj``.
+
+    Normally they append to ``p`` and leave the size in ``s<depth>``; with ``leaf`` (a
+    message of singular scalars only: no slots needed) they concatenate into the bytes
+    local ``q<depth>`` instead, which is cheaper for a few small pieces.
+    """
     size = f"s{depth}"
     x = f"x{depth}"
-    lines = [f"{size} = 0"]
+    out = _Out(target=f"q{depth}") if leaf else _Out(size=size)
+    lines = [f"q{depth} = b''" if leaf else f"{size} = 0"]
     for f in msg.DESCRIPTOR.fields:
-        where = f"w = {(outer, path, msg.DESCRIPTOR.full_name, f.name)!r}"
-        lines += [where, f"{x} = {obj}.{f.name}"]
+        where = repr((outer, path, msg.DESCRIPTOR.full_name, f.name))
+        lines += [f"w = {where}", f"{x} = {obj}.{f.name}"]
         if f.is_message:
             sub, slot = f"m{depth + 1}", f"i{depth + 1}"
-            body = [
-                *_check_class(f.type, sub),
-                f"{slot} = len(p)",
-                "ap(None)",
-                *_encode_message(classes[f.type], sub, depth + 1, outer, (*path, f.name),
-                                 classes, tables),
-                *_append_length_delimited(f.number, f"s{depth + 1}", size, slot, tables),
-            ]
+            child = classes[f.type]
+            child_code = _encode_message(child, sub, depth + 1, outer, (*path, f.name),
+                                         classes, tables, leaf=_is_leaf(child))
+            if _is_leaf(child):
+                body = [
+                    *_check_class(f.type, sub, where),
+                    *child_code,
+                    f"e = q{depth + 1}",
+                    *_append_payload(f.number, out, tables),
+                ]
+            else:
+                body = [
+                    *_check_class(f.type, sub, where),
+                    f"{slot} = len(p)",
+                    "ap(None)",
+                    *child_code,
+                    *_append_length_delimited(f.number, f"s{depth + 1}", size, slot, tables),
+                ]
             if f.label is Label.REPEATED:
-                # ``where`` again: encoding the previous element moved ``w`` into it.
-                lines += [*_check_list(x), f"for {sub} in {x}:", *_indent([where, *body])]
+                lines += [*_check_list(x), f"for {sub} in {x}:", *_indent(body)]
             else:
                 lines += [f"if {x} is not None:", f"    {sub} = {x}", *_indent(body)]
         elif f.label is Label.MAP:
@@ -431,7 +468,7 @@ def _encode_message(
                 *_indent(_scalar_bytes(f.key_type, "key", "kb")),
                 *_indent(_scalar_bytes(f.type, "value", "vb")),
                 f"    e = {key_tag} + kb + {value_tag} + vb",
-                *_indent(_append_payload(f.number, size, tables)),
+                *_indent(_append_payload(f.number, out, tables)),
             ]
         elif f.label is Label.REPEATED:
             lines += _check_list(x)
@@ -444,19 +481,19 @@ def _encode_message(
                     *_indent(_scalar_bytes(f.type, "item", "e"), 2),
                     "        chunks.append(e)",
                     "    e = b''.join(chunks)",
-                    *_indent(_append_payload(f.number, size, tables)),
+                    *_indent(_append_payload(f.number, out, tables)),
                 ]
             else:
                 lines += [
                     f"for item in {x}:",
-                    *_indent(_append_scalar(f.type, "item", f.number, size, tables)),
+                    *_indent(_append_scalar(f.type, "item", f.number, out, tables)),
                 ]
         else:
             default = SCALARS[f.type][1]
             test = f"{x} is not False" if f.type == "bool" else f"{x} != {default!r}"
             lines += [
                 f"if {test}:",
-                *_indent(_append_scalar(f.type, x, f.number, size, tables)),
+                *_indent(_append_scalar(f.type, x, f.number, out, tables)),
             ]
     return lines
 
@@ -484,7 +521,14 @@ def _encoder_source(
 
 
 class _Invalid(Exception):
-    """Internal: a value the encoder refuses, turned into EncodeError by the caller."""
+    """Internal: a value the encoder refuses, turned into EncodeError by the caller.
+
+    ``where`` overrides the encoder's idea of the current field when given.
+    """
+
+    def __init__(self, reason: str, where: tuple[str, tuple[str, ...], str, str] | None = None):
+        super().__init__(reason)
+        self.where = where
 
 
 def _field_name(names: Mapping[int, str], tag: int) -> str:
@@ -526,6 +570,8 @@ def _malformed(
 def _encode_error(
     where: tuple[str, tuple[str, ...], str, str], exc: Exception
 ) -> _wire.EncodeError:
+    if isinstance(exc, _Invalid) and exc.where is not None:
+        where = exc.where
     outer, path, message_type, field = where
     reason = str(exc) if isinstance(exc, _Invalid) else f"{type(exc).__name__}: {exc}"
     error = _wire.EncodeError(message_type, field, reason)
