@@ -104,13 +104,13 @@ def _read_varint_into_v(type_name: str) -> list[str]:
     return lines
 
 
-def _read_scalar_into_v(type_name: str) -> list[str]:
-    """Statements that read one value of a scalar type at ``pos`` into ``v``."""
+def _read_scalar_into_v(type_name: str, target: str = "v") -> list[str]:
+    """Statements that read one value of a scalar type at ``pos`` into ``target``."""
     if type_name == "string":
-        return [*_READ_LENGTH, "v = buf[pos:npos].decode()", "pos = npos"]
+        return [*_READ_LENGTH, f"{target} = buf[pos:npos].decode()", "pos = npos"]
     if type_name == "bytes":
-        return [*_READ_LENGTH, "v = buf[pos:npos]", "pos = npos"]
-    return _read_varint_into_v(type_name)
+        return [*_READ_LENGTH, f"{target} = buf[pos:npos]", "pos = npos"]
+    return [*_read_varint_into_v(type_name), *([f"{target} = v"] if target != "v" else [])]
 
 
 def _decode_branches(msg: type[Message], f: FieldDescriptor) -> list[tuple[int, list[str]]]:
@@ -134,8 +134,11 @@ def _decode_branches(msg: type[Message], f: FieldDescriptor) -> list[tuple[int, 
                 f"    _merge_{f.type}(buf, pos, npos, {var})",
             ]
         return [(_tag(f.number, wire_type), [*_READ_LENGTH, *body, "pos = npos"])]
-    store = f"{var}.append(v)" if f.label is Label.REPEATED else f"{var} = v"
-    branches = [(_tag(f.number, wire_type), [*_read_scalar_into_v(f.type), store])]
+    if f.label is Label.REPEATED:
+        read = [*_read_scalar_into_v(f.type), f"{var}.append(v)"]
+    else:
+        read = _read_scalar_into_v(f.type, var)
+    branches = [(_tag(f.number, wire_type), read)]
     if f.label is Label.REPEATED and wire_type == _wire.WIRETYPE_VARINT:
         # Packed form of a repeated varint field: one length-delimited run of varints.
         packed = [
@@ -151,31 +154,38 @@ def _decode_branches(msg: type[Message], f: FieldDescriptor) -> list[tuple[int, 
 
 
 def _parse_loop(branches: list[tuple[int, list[str]]]) -> list[str]:
-    """The tag loop shared by message and map-entry decoders."""
-    lines = [
-        "while pos < end:",
-        "    tag = buf[pos]",
-        "    if tag < 0x80:",
-        "        pos += 1",
-        "    else:",
-        "        tag = -1",
-        "        tag, pos = _read_tag(buf, pos)",
+    """The tag loop shared by message and map-entry decoders.
+
+    Fields whose tag fits in one byte (numbers below 16, all of v1beta1) are dispatched on
+    the first byte directly, which spares the common case a test; anything else (longer
+    tags, tags padded with continuation bytes, unknown fields) reads the whole tag first
+    and goes through every branch again.
+    """
+    def chain(items: list[tuple[int, list[str]]], prologue: list[str]) -> list[str]:
+        out = []
+        keyword = "if"
+        for tag, body in items:
+            out += [f"{keyword} tag == {tag}:", *_indent([*prologue, *body])]
+            keyword = "elif"
+        return out
+
+    one_byte = [(tag, body) for tag, body in branches if tag < 0x80]
+    slow = [
+        "tag = -1",
+        "tag, pos = _read_tag(buf, pos)",
+        *chain(branches, []),
+        *(["else:"] if branches else []),
+        f"{'    ' if branches else ''}pos = _skip_field(buf, pos, end, tag)",
     ]
-    keyword = "if"
-    for tag, body in branches:
-        lines.append(f"    {keyword} tag == {tag}:")
-        lines.extend(_indent(body, 2))
-        keyword = "elif"
-    if branches:
-        lines.append("    else:")
-        lines.append("        pos = _skip_field(buf, pos, end, tag)")
+    lines = ["while pos < end:", "    tag = buf[pos]"]
+    if one_byte:
+        lines += _indent([*chain(one_byte, ["pos += 1"]), "else:", *_indent(slow)])
     else:
-        lines.append("    pos = _skip_field(buf, pos, end, tag)")
-    lines += [
+        lines += _indent(slow)
+    return lines + [
         "if pos != end:",
         "    raise _Malformed('field runs past the end of the enclosing message')",
     ]
-    return lines
 
 
 def _error_handlers(type_const: str, names_const: str) -> list[str]:
@@ -235,8 +245,8 @@ def _decoder_source(msg: type[Message]) -> list[str]:
         assert f.key_type is not None
         entry = f"{name}_{f.name}"
         branches = [
-            (_tag(1, SCALARS[f.key_type][0]), [*_read_scalar_into_v(f.key_type), "k = v"]),
-            (_tag(2, SCALARS[f.type][0]), [*_read_scalar_into_v(f.type), "val = v"]),
+            (_tag(1, SCALARS[f.key_type][0]), _read_scalar_into_v(f.key_type, "k")),
+            (_tag(2, SCALARS[f.type][0]), _read_scalar_into_v(f.type, "val")),
         ]
         entries += [
             f"def _entry_{entry}(buf, pos, end):",
@@ -354,9 +364,13 @@ def _prefix(number: int, length: str, tables: _Tables, store: str, grow: _Out) -
     ]
 
 
-def _append_payload(number: int, out: _Out, tables: _Tables) -> list[str]:
-    """Put field ``number`` whose length-delimited payload is ``e`` out."""
-    return ["n = len(e)", *_prefix(number, "n", tables, out.put("{}"), out), out.put("e")]
+def _append_payload(number: int, out: _Out, tables: _Tables, payload: str = "e") -> list[str]:
+    """Put field ``number`` whose length-delimited payload is ``payload`` out."""
+    return [
+        f"n = len({payload})",
+        *_prefix(number, "n", tables, out.put("{}"), out),
+        out.put(payload),
+    ]
 
 
 def _is_leaf(msg: type[Message]) -> bool:
@@ -400,13 +414,8 @@ def _append_length_delimited(number: int, size: str, outer_size: str, slot: str,
     return _prefix(number, size, tables, f"p[{slot}] = {{}}", _Out(size=outer_size))
 
 
-def _check_class(type_name: str, src: str, where: str) -> list[str]:
-    # The raise names its field itself: in a repeated field, ``w`` may still point into
-    # the previous element.
-    return [
-        f"if {src}.__class__ is not _C_{type_name}:",
-        f"    raise _Invalid('expected {type_name}, got ' + type({src}).__name__, {where})",
-    ]
+def _check_class(type_name: str, src: str) -> list[str]:
+    return [f"if {src}.__class__ is not _C_{type_name}:", "    raise _Invalid"]
 
 
 def _check_list(src: str) -> list[str]:
@@ -417,8 +426,8 @@ def _check_list(src: str) -> list[str]:
 
 
 def _encode_message(
-    msg: type[Message], obj: str, depth: int, outer: str, path: tuple[str, ...],
-    classes: Mapping[str, type[Message]], tables: _Tables, *, leaf: bool = False,
+    msg: type[Message], obj: str, depth: int, classes: Mapping[str, type[Message]],
+    tables: _Tables, *, leaf: bool = False,
 ) -> list[str]:
     """Statements encoding the fields of message ``obj``.
 
@@ -431,23 +440,23 @@ def _encode_message(
     out = _Out(target=f"q{depth}") if leaf else _Out(size=size)
     lines = [f"q{depth} = b''" if leaf else f"{size} = 0"]
     for f in msg.DESCRIPTOR.fields:
-        where = repr((outer, path, msg.DESCRIPTOR.full_name, f.name))
-        lines += [f"w = {where}", f"{x} = {obj}.{f.name}"]
+        lines.append(f"{x} = {obj}.{f.name}")
         if f.is_message:
-            sub, slot = f"m{depth + 1}", f"i{depth + 1}"
+            # A singular message is encoded straight from ``x``; list elements get ``m``.
+            sub = f"m{depth + 1}" if f.label is Label.REPEATED else x
+            slot = f"i{depth + 1}"
             child = classes[f.type]
-            child_code = _encode_message(child, sub, depth + 1, outer, (*path, f.name),
-                                         classes, tables, leaf=_is_leaf(child))
+            child_code = _encode_message(child, sub, depth + 1, classes, tables,
+                                         leaf=_is_leaf(child))
             if _is_leaf(child):
                 body = [
-                    *_check_class(f.type, sub, where),
+                    *_check_class(f.type, sub),
                     *child_code,
-                    f"e = q{depth + 1}",
-                    *_append_payload(f.number, out, tables),
+                    *_append_payload(f.number, out, tables, f"q{depth + 1}"),
                 ]
             else:
                 body = [
-                    *_check_class(f.type, sub, where),
+                    *_check_class(f.type, sub),
                     f"{slot} = len(p)",
                     "ap(None)",
                     *child_code,
@@ -456,7 +465,7 @@ def _encode_message(
             if f.label is Label.REPEATED:
                 lines += [*_check_list(x), f"for {sub} in {x}:", *_indent(body)]
             else:
-                lines += [f"if {x} is not None:", f"    {sub} = {x}", *_indent(body)]
+                lines += [f"if {x} is not None:", *_indent(body)]
         elif f.label is Label.MAP:
             assert f.key_type is not None
             key_tag = _tag_literal(1, SCALARS[f.key_type][0])
@@ -502,16 +511,15 @@ def _encoder_source(
     msg: type[Message], classes: Mapping[str, type[Message]], tables: _Tables
 ) -> list[str]:
     name = msg.DESCRIPTOR.name
-    body = _encode_message(msg, "m0", 0, msg.DESCRIPTOR.full_name, (), classes, tables)
+    body = _encode_message(msg, "m0", 0, classes, tables)
     return [
         f"def _enc_{name}(m0):",
-        "    w = None",
         "    p = []",
         "    ap = p.append",
         "    try:",
         *_indent(body, 2),
         "    except (_Invalid, AttributeError, TypeError, ValueError) as exc:",
-        "        raise _encode_error(w, exc) from None",
+        "        raise _encode_error(m0, exc) from None",
         "    return b''.join(p)",
         "",
     ]
@@ -521,14 +529,7 @@ def _encoder_source(
 
 
 class _Invalid(Exception):
-    """Internal: a value the encoder refuses, turned into EncodeError by the caller.
-
-    ``where`` overrides the encoder's idea of the current field when given.
-    """
-
-    def __init__(self, reason: str, where: tuple[str, tuple[str, ...], str, str] | None = None):
-        super().__init__(reason)
-        self.where = where
+    """Internal: the fast encoder met a value it refuses; :func:`_encode_error` finds it."""
 
 
 def _field_name(names: Mapping[int, str], tag: int) -> str:
@@ -567,13 +568,82 @@ def _malformed(
     return _wire.DecodeError(message_type, _field_name(names, tag), offset, exc.reason)
 
 
-def _encode_error(
-    where: tuple[str, tuple[str, ...], str, str], exc: Exception
-) -> _wire.EncodeError:
-    if isinstance(exc, _Invalid) and exc.where is not None:
-        where = exc.where
-    outer, path, message_type, field = where
-    reason = str(exc) if isinstance(exc, _Invalid) else f"{type(exc).__name__}: {exc}"
+# The generated encoders keep no record of where they are, which would cost a store per
+# field on every message.  When one fails, this walks the message again, slowly and with
+# the same rules, to find the first bad value and name it.
+
+
+def _scalar_problem(type_name: str, value: object) -> str | None:
+    """Why the encoder refuses ``value`` for a field of ``type_name``, or None."""
+    if type_name == "string":
+        if not isinstance(value, str):
+            return f"expected str, got {type(value).__name__}"
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            return f"UnicodeEncodeError: {exc}"
+        return None
+    if type_name == "bytes":
+        ok = isinstance(value, (bytes, bytearray))
+        return None if ok else f"expected bytes, got {type(value).__name__}"
+    if type_name == "bool":
+        ok = value is True or value is False
+        return None if ok else f"expected bool, got {type(value).__name__}"
+    if not isinstance(value, int):
+        return f"expected int, got {type(value).__name__}"
+    low, high = _INT_RANGES[type_name]
+    return None if low <= value <= high else f"{value!r} is out of range for {type_name}"
+
+
+def _find_bad_value(msg: Message, path: tuple[str, ...]) -> tuple[str, str, tuple[str, ...], str] | None:
+    """(message type, field, path, reason) of the first value the encoder refuses."""
+    descriptor = type(msg).DESCRIPTOR
+    for f in descriptor.fields:
+        here = (descriptor.full_name, f.name, path)
+        try:
+            value = getattr(msg, f.name)
+        except AttributeError as exc:
+            return (*here, f"AttributeError: {exc}")
+        if f.label is Label.MAP:
+            if not isinstance(value, Mapping):
+                return (*here, f"expected a dict, got {type(value).__name__}")
+            assert f.key_type is not None
+            for key, item in value.items():
+                problem = _scalar_problem(f.key_type, key) or _scalar_problem(f.type, item)
+                if problem:
+                    return (*here, problem)
+            continue
+        if f.label is Label.REPEATED:
+            if not isinstance(value, (list, tuple)):
+                return (*here, f"expected a list, got {type(value).__name__}")
+            items = list(value)
+        elif f.is_message:
+            items = [] if value is None else [value]
+        elif value is False if f.type == "bool" else value == SCALARS[f.type][1]:
+            continue  # the default: not encoded, so not checked
+        else:
+            items = [value]
+        for item in items:
+            if f.is_message:
+                expected = f"{descriptor.package}.{f.type}"
+                if not isinstance(item, Message) or type(item).DESCRIPTOR.full_name != expected:
+                    return (*here, f"expected {f.type}, got {type(item).__name__}")
+                found = _find_bad_value(item, (*path, f.name))
+                if found:
+                    return found
+            else:
+                problem = _scalar_problem(f.type, item)
+                if problem:
+                    return (*here, problem)
+    return None
+
+
+def _encode_error(msg: Message, exc: Exception) -> _wire.EncodeError:
+    outer = type(msg).DESCRIPTOR.full_name
+    found = _find_bad_value(msg, ())
+    if found is None:  # pragma: no cover - the two walks follow the same rules
+        return _wire.EncodeError(outer, "?", f"{type(exc).__name__}: {exc}")
+    message_type, field, path, reason = found
     error = _wire.EncodeError(message_type, field, reason)
     error.path = list(path)
     error.outer_type = outer
