@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import configparser
+import inspect
 import pathlib
 import re
 import subprocess
@@ -110,13 +111,14 @@ def test_no_bare_except_in_the_package() -> None:
 def test_public_names_are_exported_and_documented() -> None:
     import trio_gpu_plugin
     import trio_gpu_plugin.proto
+    import trio_gpu_plugin.testing
 
-    for module in (trio_gpu_plugin, trio_gpu_plugin.proto):
+    for module in (trio_gpu_plugin, trio_gpu_plugin.proto, trio_gpu_plugin.testing):
         for name in module.__all__:
             obj = getattr(module, name)
             if getattr(obj, "__module__", "").startswith("purerpc"):
                 continue  # Status and StatusCode are purerpc's, re-exported as they are
-            if callable(obj):
+            if inspect.isclass(obj) or inspect.isfunction(obj):  # not type aliases
                 assert obj.__doc__, f"{module.__name__}.{name} has no docstring"
 
 

@@ -676,11 +676,13 @@ class Channel:
         name: str,
         request: Message,
         *,
-        timeout: float = DEFAULT_CALL_TIMEOUT,
+        timeout: float | None = DEFAULT_CALL_TIMEOUT,
     ) -> Any:
         """Call a unary method and return its response.
 
-        ``timeout`` (seconds) is sent as ``grpc-timeout`` and enforced here as well.
+        ``timeout`` (seconds) is sent as ``grpc-timeout`` and enforced here as well;
+        ``None`` sends no deadline and waits as long as the connection lives (what the
+        kubelet does for Allocate), so pass it only where that is what you mean.
         Raises :class:`RpcError` for any status but OK, ``DEADLINE_EXCEEDED`` when the
         time is up and ``UNAVAILABLE`` when the connection is lost.
         """
@@ -688,7 +690,7 @@ class Channel:
         if method.server_streaming:
             raise TypeError(f"{service.path(name)} is server-streaming; use server_stream()")
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_after(float("inf") if timeout is None else timeout):
                 call = await self._start(service, name, request, timeout)
                 try:
                     response = await self._receive(call)
@@ -701,7 +703,7 @@ class Channel:
         except trio.TooSlowError:
             raise RpcError(
                 StatusCode.DEADLINE_EXCEEDED,
-                f"{service.path(name)}: no answer within {timeout:g} s",
+                f"{service.path(name)}: no answer within {timeout or 0:g} s",
             ) from None
         return response
 
@@ -747,7 +749,8 @@ async def open_unix_channel(
     """Connect to a gRPC server on a Unix socket; the connection closes with the block.
 
     Raises :class:`RpcError` ``UNAVAILABLE`` if the socket cannot be reached within
-    ``connect_timeout`` seconds (missing, refused, or nobody accepting).
+    ``connect_timeout`` seconds (missing, refused, or nobody accepting), and
+    ``ValueError`` for a path too long for a Unix socket (a configuration error).
     """
     path = os.fspath(path)
     _check_unix_path(path)

@@ -1,0 +1,219 @@
+"""The plugin runtime: serve each resource, register it, and start over when the kubelet does.
+
+Strategy: each resource lives through *registration epochs*.  An epoch is a cancel scope
+holding the resource's gRPC server (on its own socket in the kubelet's directory), a
+watch on ``kubelet.sock`` and on that socket, and the registration.  Anything that means
+"the kubelet has forgotten us" (kubelet.sock recreated or removed, our socket removed or
+replaced, the directory recreated, or :meth:`DevicePlugin.restart`) cancels the epoch:
+every connection and ListAndWatch stream of it ends and our socket is removed *before*
+the next epoch starts and registers again.  That order matters: kubelets 1.25-1.36 let
+the end of an old stream tear down a newer registration of the same resource
+(kubernetes#121994), so no old stream may outlive a new Register.
+
+The device sources run outside the epochs, for the plugin's whole life: a kubelet restart
+does not make a GPU forget its health.
+
+Registration: serve first, then Register, since the kubelet dials back and calls
+GetDevicePluginOptions inside Register, and may open ListAndWatch before Register returns.
+A refused or failed Register is retried with capped exponential back-off and jitter; the
+kubelet's reason is logged once per distinct reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import random
+from collections.abc import Sequence
+from typing import Final, NoReturn
+
+import trio
+
+from ._devices import Resource
+from ._grpc import RpcError
+from ._service import DevicePluginService
+from ._transport import open_unix_channel, serve_unix
+from ._watch import Identity, PathWatcher, identity
+from .proto import v1beta1
+
+__all__ = ["DevicePlugin"]
+
+log = logging.getLogger("trio_gpu_plugin.runtime")
+
+#: Bound on one Register call (seconds).  The kubelet spends up to 10 s dialling back
+#: inside Register, then calls GetDevicePluginOptions: a shorter bound would give up on
+#: registrations the kubelet is about to complete.
+REGISTER_TIMEOUT: Final = 30.0
+#: First retry delay after a failed Register, doubled on each failure up to the cap.
+RETRY_INITIAL: Final = 0.1
+RETRY_CAP: Final = 30.0
+
+
+def _backoff(attempt: int) -> float:
+    # "Full jitter" keeps several plugins restarted together from retrying in lockstep.
+    return random.uniform(0.5, 1.0) * min(RETRY_CAP, RETRY_INITIAL * 2.0**attempt)
+
+
+class DevicePlugin:
+    """Serves one or more resources to the kubelet, and keeps them registered.
+
+    Run it in your nursery: ``await nursery.start(plugin.run)`` returns once every
+    resource is registered; cancel the nursery to stop (sockets are removed).
+
+    Args:
+        resources: what to advertise; names and socket names must be distinct.
+        kubelet_socket: the kubelet's registration socket; our sockets go in its directory.
+        register_timeout: bound on each Register call, in seconds.
+        watch_poll_interval: safety-net re-check of the sockets, in seconds, on top of
+            inotify (or the polling period where inotify is unavailable).
+    """
+
+    def __init__(
+        self,
+        resources: Sequence[Resource],
+        *,
+        kubelet_socket: str | os.PathLike[str] = v1beta1.KUBELET_SOCKET,
+        register_timeout: float = REGISTER_TIMEOUT,
+        watch_poll_interval: float = 10.0,
+    ) -> None:
+        if not resources:
+            raise ValueError("a device plugin needs at least one resource")
+        for attribute in ("name", "socket_name"):
+            values = [getattr(r, attribute) for r in resources]
+            if len(set(values)) != len(values):
+                raise ValueError(f"resources share a {attribute}: {values}")
+        self.kubelet_socket = pathlib.Path(kubelet_socket)
+        self.socket_dir = self.kubelet_socket.parent
+        self.register_timeout = register_timeout
+        self.watch_poll_interval = watch_poll_interval
+        self.services = {r.name: DevicePluginService(r) for r in resources}
+        #: Accepted registrations so far, by resource name.
+        self.registrations = {r.name: 0 for r in resources}
+        self._epochs: dict[str, trio.CancelScope] = {}
+        self._restart_reasons: dict[str, str] = {}
+        self._registered = {r.name: trio.Event() for r in resources}
+
+    def socket_path(self, resource: Resource) -> pathlib.Path:
+        """Where ``resource`` is served."""
+        return self.socket_dir / resource.socket_name
+
+    def restart(self, reason: str = "restart requested") -> None:
+        """End every resource's epoch: serve and register again (what SIGHUP does)."""
+        for name, scope in self._epochs.items():
+            self._restart_reasons[name] = reason
+            scope.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        """Serve and register every resource until cancelled.
+
+        Reports started once every resource has been registered for the first time
+        (after the kubelet's socket appears, if it is not there yet).
+        """
+        async with trio.open_nursery() as nursery:
+            for service in self.services.values():
+                await nursery.start(service.resource.source.run, service.publish)
+            for service in self.services.values():
+                nursery.start_soon(self._keep_registered, service)
+            for event in self._registered.values():
+                await event.wait()
+            task_status.started()
+        raise AssertionError("unreachable: _keep_registered never returns")  # pragma: no cover
+
+    async def _keep_registered(self, service: DevicePluginService) -> NoReturn:
+        name = service.resource.name
+        failures = 0
+        # One inotify instance for the resource's whole life: closing one costs
+        # milliseconds, which would land right in the re-registration's path.
+        with PathWatcher(poll_interval=self.watch_poll_interval) as watcher:
+            while True:
+                failures = await self._next_epoch(service, watcher, failures)
+
+    async def _next_epoch(self, service: DevicePluginService, watcher: PathWatcher,
+                          failures: int) -> int:
+        """Wait for the kubelet, then run one epoch; return the count of failed epochs."""
+        name = service.resource.name
+        kubelet = identity(self.kubelet_socket)
+        if kubelet is None:
+            log.warning("%s: waiting for the kubelet: %s does not exist (is --kubelet-socket "
+                        "right, and is the kubelet running?)", name, self.kubelet_socket)
+            await watcher.wait_for_change({str(self.kubelet_socket): None})
+            return failures
+        failure: OSError | None = None
+        try:
+            reason = await self._epoch(service, kubelet, watcher)
+        except* OSError as group:
+            # The directory vanished under us, or the socket cannot be bound: the
+            # kubelet is probably mid-restart.  Try again shortly.
+            failure = group.exceptions[0]  # type: ignore[assignment]
+        if failure is not None:
+            delay = _backoff(min(failures, 8))
+            log.warning("%s: cannot serve %s: %s; trying again in %.1f s",
+                        name, self.socket_path(service.resource), failure, delay)
+            await trio.sleep(delay)
+            return failures + 1
+        log.info("%s: starting over: %s", name, reason)
+        return 0
+
+    async def _epoch(self, service: DevicePluginService, kubelet: Identity,
+                     watcher: PathWatcher) -> str:
+        """Serve and register until something says the kubelet forgot us; return what."""
+        resource = service.resource
+        path = self.socket_path(resource)
+        why: list[str] = []
+        with trio.CancelScope() as epoch:
+            self._epochs[resource.name] = epoch
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_unix, path, [service.service()])
+                baseline = {str(self.kubelet_socket): kubelet, str(path): identity(path)}
+                nursery.start_soon(self._watch, watcher, baseline, epoch, why)
+                await self._register(resource)
+                self.registrations[resource.name] += 1
+                self._registered[resource.name].set()
+                await trio.sleep_forever()
+        del self._epochs[resource.name]
+        return why[0] if why else self._restart_reasons.pop(resource.name, "restart requested")
+
+    async def _watch(self, watcher: PathWatcher, baseline: dict[str, Identity],
+                     epoch: trio.CancelScope, why: list[str]) -> None:
+        now = await watcher.wait_for_change(baseline)
+        kubelet, own = (str(self.kubelet_socket), *(p for p in baseline if p != str(self.kubelet_socket)))
+        if now[kubelet] != baseline[kubelet]:
+            why.append(f"{kubelet} was {'removed' if now[kubelet] is None else 'recreated'} "
+                       "(the kubelet restarted)")
+        else:
+            why.append(f"our socket {own} was {'removed' if now[own] is None else 'replaced'}")
+        epoch.cancel()
+
+    async def _register(self, resource: Resource) -> None:
+        request = v1beta1.RegisterRequest(
+            version=v1beta1.VERSION,
+            endpoint=resource.socket_name,
+            resource_name=resource.name,
+            options=resource.options,
+        )
+        attempt = 0
+        last_reason = None
+        while True:
+            started = trio.current_time()
+            try:
+                async with open_unix_channel(self.kubelet_socket) as channel:
+                    await channel.unary(v1beta1.REGISTRATION, "Register", request,
+                                        timeout=self.register_timeout)
+            except RpcError as exc:
+                delay = _backoff(attempt)
+                attempt += 1
+                reason = str(exc)
+                if reason != last_reason:
+                    log.warning("%s: registration with the kubelet failed: %s (retrying with "
+                                "back-off; further identical failures are logged at debug level)",
+                                resource.name, reason)
+                    last_reason = reason
+                else:
+                    log.debug("%s: registration failed again (attempt %d): %s; next in %.1f s",
+                              resource.name, attempt, reason, delay)
+                await trio.sleep(delay)
+                continue
+            log.info("%s: registered with the kubelet as %s (%.1f ms)", resource.name,
+                     self.socket_path(resource), (trio.current_time() - started) * 1000)
+            return
