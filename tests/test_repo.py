@@ -28,7 +28,7 @@ def test_readme_opens_with_exactly_two_setup_commands() -> None:
     assert len(blocks) == 2
     assert all("\n" not in block for block in blocks), "each is one command line"
     run, test = blocks
-    assert "python -m trio_gpu_plugin" in run
+    assert "trio-gpu-plugin demo" in run
     assert "'.[test]'" in test and "pytest" in test
 
 

@@ -135,8 +135,13 @@ class DevicePlugin:
         name = service.resource.name
         kubelet = identity(self.kubelet_socket)
         if kubelet is None:
-            log.warning("%s: waiting for the kubelet: %s does not exist (is --kubelet-socket "
-                        "right, and is the kubelet running?)", name, self.kubelet_socket)
+            if self.registrations[name]:
+                # The usual gap in a kubelet restart, between its removing and recreating
+                # the socket: nothing for anyone to act on.
+                log.info("%s: waiting for the kubelet to come back", name)
+            else:
+                log.warning("%s: waiting for the kubelet: %s does not exist (is --kubelet-socket "
+                            "right, and is the kubelet running?)", name, self.kubelet_socket)
             await watcher.wait_for_change({str(self.kubelet_socket): None})
             return failures
         failure: OSError | None = None

@@ -441,14 +441,18 @@ async def _bind_unix(path: str) -> trio.socket.SocketType:
             raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
         # A socket file left by an earlier instance: nobody can be served through it.
         os.unlink(path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bound with the stdlib socket: trio's bind() of a Unix path hops to a worker thread
+    # for the filesystem lookup, which costs a thread and a scheduler round trip on every
+    # (re)registration for what is a quick local operation, like the unlink above.
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        await sock.bind(path)
-        sock.listen(LISTEN_BACKLOG)
+        raw.bind(path)
+        raw.listen(LISTEN_BACKLOG)
     except BaseException:
-        sock.close()
+        raw.close()
         raise
-    return sock
+    await trio.lowlevel.checkpoint()
+    return trio.socket.from_stdlib_socket(raw)
 
 
 def _unlink_if_ours(path: str, inode: int) -> None:

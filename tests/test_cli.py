@@ -1,0 +1,205 @@
+"""The command line and the whole plugin as a process: signals, the demo, bad flags, and
+a grpcio kubelet in another process checking the wire."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import trio
+
+from trio_gpu_plugin import DevicePlugin, Resource
+from trio_gpu_plugin._demo import run_demo
+from trio_gpu_plugin.testing import FakeKubelet, SimulatedDeviceSource
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+GPU = "nvidia.com/gpu"
+HANG_GUARD = 20.0
+
+
+async def start_cli(kubelet: FakeKubelet, *args: str) -> trio.Process:
+    return await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_gpu_plugin", "--kubelet-socket", str(kubelet.kubelet_socket),
+         *args],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+async def wait_exit(process: trio.Process) -> int:
+    with trio.fail_after(HANG_GUARD):
+        return await process.wait()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_sigterm_or_sigint_stops_the_plugin_removes_its_socket_and_exits_0(
+    fake_kubelet: FakeKubelet, signum: int
+) -> None:
+    process = await start_cli(fake_kubelet, "--simulate", "dgx-a100")
+    try:
+        await fake_kubelet.wait_registered(GPU, timeout=HANG_GUARD)
+        assert (fake_kubelet.socket_dir / "nvidia-gpu.sock").exists()
+        process.send_signal(signum)
+        assert await wait_exit(process) == 0
+        assert not (fake_kubelet.socket_dir / "nvidia-gpu.sock").exists()
+    finally:
+        process.kill()
+        await process.wait()
+        if process.stderr is not None:
+            await process.stderr.aclose()
+
+
+async def test_sighup_reloads_and_registers_again(fake_kubelet: FakeKubelet,
+                                                  socket_dir: pathlib.Path) -> None:
+    node = socket_dir / "node.json"
+    node.write_text(json.dumps({"gpus": [{"uuid": "GPU-a", "numa_node": 0}]}))
+    process = await start_cli(fake_kubelet, "--simulate", str(node))
+    try:
+        await fake_kubelet.wait_registered(GPU, timeout=HANG_GUARD)
+        assert fake_kubelet.resources[GPU].healthy == {"GPU-a"}
+        node.write_text(json.dumps({"gpus": [{"uuid": "GPU-a"}, {"uuid": "GPU-b", "healthy": False}]}))
+        process.send_signal(signal.SIGHUP)
+        await fake_kubelet.wait_registered(GPU, count=2, timeout=HANG_GUARD)
+        await fake_kubelet.wait_until(lambda: fake_kubelet.resources[GPU].unhealthy == {"GPU-b"})
+        process.send_signal(signal.SIGTERM)
+        assert await wait_exit(process) == 0
+    finally:
+        process.kill()
+        await process.wait()
+        if process.stderr is not None:
+            await process.stderr.aclose()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("SIMULATE", "KUBELET_SOCKET")}
+    return subprocess.run([sys.executable, "-m", "trio_gpu_plugin", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_without_a_device_source_the_cli_says_what_to_do() -> None:
+    result = run_cli()
+    assert result.returncode == 2
+    assert "--simulate" in result.stderr and "NVML" in result.stderr
+
+
+def test_a_bad_simulate_value_names_it() -> None:
+    result = run_cli("--simulate", "no-such-preset")
+    assert result.returncode == 2
+    assert "'no-such-preset' is neither a preset" in result.stderr
+
+
+def test_a_bad_simulate_file_names_the_key(socket_dir: pathlib.Path) -> None:
+    node = socket_dir / "node.json"
+    node.write_text(json.dumps({"gpus": [{"uuid": "GPU-a", "numa_node": -1}]}))
+    result = run_cli("--simulate", str(node))
+    assert result.returncode == 2
+    assert "gpus[0].numa_node" in result.stderr
+
+
+def test_demo_runs_with_no_gpu_and_no_kubelet() -> None:
+    result = run_cli("demo")
+    assert result.returncode == 0, result.stderr
+    steps = [line[:2] for line in result.stdout.splitlines() if re.match(r"\d\. ", line)]
+    assert steps == ["1.", "2.", "3.", "4.", "5."]
+    assert "NVIDIA_VISIBLE_DEVICES=GPU-" in result.stdout
+    assert "registered again" in result.stdout
+
+
+async def test_demo_narrates_each_step() -> None:
+    lines: list[str] = []
+    assert await run_demo("dgx-a100", lines.append) == 0
+    text = "\n".join(lines)
+    for expected in ("registration", "device table: 8 devices, 8 healthy", "admission of a 2-GPU pod",
+                     "went unhealthy", "7 allocatable of 8", "kubelet restart"):
+        assert expected in text
+
+
+def test_readme_library_example_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    (example,) = re.findall(r"<!-- example: library -->\n```python\n(.*?)\n```", readme, flags=re.S)
+    result = subprocess.run([sys.executable, "-c", example], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "registered: 2 devices, 1 healthy" in result.stdout
+
+
+GRPC_KUBELET = textwrap.dedent("""
+    import json, sys, threading
+    from concurrent import futures
+    import grpc
+    from tests import peers
+
+    pb2, pb2_grpc = peers.load()
+    directory = sys.argv[1]
+    done = threading.Event()
+    result = {}
+
+    def admit(endpoint):
+        with grpc.insecure_channel("unix://" + directory + "/" + endpoint) as channel:
+            stub = pb2_grpc.DevicePluginStub(channel)
+            stream = stub.ListAndWatch(pb2.Empty())
+            first = next(stream)
+            result["devices"] = [[d.ID, d.health, [n.ID for n in d.topology.nodes]] for d in first.devices]
+            preferred = stub.GetPreferredAllocation(pb2.PreferredAllocationRequest(container_requests=[
+                pb2.ContainerPreferredAllocationRequest(
+                    available_deviceIDs=[d.ID for d in first.devices], allocation_size=2)]), timeout=5)
+            ids = list(preferred.container_responses[0].deviceIDs)
+            allocated = stub.Allocate(pb2.AllocateRequest(container_requests=[
+                pb2.ContainerAllocateRequest(devices_ids=ids)]), timeout=5)
+            result["allocate"] = {"ids": ids, "envs": dict(allocated.container_responses[0].envs)}
+            stream.cancel()
+        print(json.dumps(result), flush=True)
+        done.set()
+
+    class Registration(pb2_grpc.RegistrationServicer):
+        def Register(self, request, context):
+            result["register"] = [request.version, request.endpoint, request.resource_name]
+            with grpc.insecure_channel("unix://" + directory + "/" + request.endpoint) as channel:
+                options = pb2_grpc.DevicePluginStub(channel).GetDevicePluginOptions(pb2.Empty(), timeout=5)
+            result["options"] = [options.pre_start_required, options.get_preferred_allocation_available]
+            threading.Thread(target=admit, args=(request.endpoint,), daemon=True).start()
+            return pb2.Empty()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb2_grpc.add_RegistrationServicer_to_server(Registration(), server)
+    server.add_insecure_port("unix://" + directory + "/kubelet.sock")
+    server.start()
+    print("ready", flush=True)
+    done.wait(30)
+    server.stop(0)
+""")
+
+
+async def test_a_grpcio_kubelet_in_another_process_registers_watches_and_allocates(
+    nursery: trio.Nursery, socket_dir: pathlib.Path
+) -> None:
+    kubelet = await trio.lowlevel.open_process(
+        [sys.executable, "-c", GRPC_KUBELET, str(socket_dir)], cwd=ROOT, stdout=subprocess.PIPE)
+    assert kubelet.stdout is not None
+    try:
+        output = b""
+        with trio.fail_after(HANG_GUARD):
+            while b"ready\n" not in output:
+                output += await kubelet.stdout.receive_some()
+            source = SimulatedDeviceSource.preset("dgx-a100")
+            plugin = DevicePlugin([Resource(GPU, source, "nvidia-gpu.sock")],
+                                  kubelet_socket=socket_dir / "kubelet.sock")
+            await nursery.start(plugin.run)
+            while output.count(b"\n") < 2:
+                output += await kubelet.stdout.receive_some()
+        result = json.loads(output.splitlines()[1])
+    finally:
+        kubelet.kill()
+        await kubelet.wait()
+        await kubelet.stdout.aclose()
+    assert result["register"] == ["v1beta1", "nvidia-gpu.sock", GPU]
+    assert result["options"] == [False, True]
+    assert result["devices"] == [[g.uuid, "Healthy", [g.numa_node]] for g in source.gpus]
+    assert len(result["allocate"]["ids"]) == 2
+    assert result["allocate"]["envs"] == {"NVIDIA_VISIBLE_DEVICES": ",".join(result["allocate"]["ids"])}
