@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default=os.environ.get("LOG_LEVEL"),
         choices=["debug", "info", "warning", "error"],
-        help="(env LOG_LEVEL; default info, and warning for the demo, whose narration says it all)")
+        help="(env LOG_LEVEL; default info, and error for the demo, whose narration says it all)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
         "demo", help="run a fake kubelet and a simulated 8-GPU node, and narrate what happens")
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script and of ``python -m trio_gpu_plugin``."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = args.log_level or ("warning" if args.command == "demo" else "info")
+    level = args.log_level or ("error" if args.command == "demo" else "info")
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
