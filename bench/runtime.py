@@ -84,7 +84,7 @@ async def in_process(restarts: int, health_changes: int) -> None:
                 started = trio.current_time()
                 source.set_health(gpu, healthy)
                 await kubelet.wait_until(
-                    lambda: (gpu in kubelet.resources[GPU].healthy) == healthy)
+                    lambda healthy=healthy: (gpu in kubelet.resources[GPU].healthy) == healthy)
                 health.append((trio.current_time() - started) * 1000)
             line("health -> kubelet", health, "target p50 < 5 ms")
             nursery.cancel_scope.cancel()

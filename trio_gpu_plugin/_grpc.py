@@ -106,31 +106,30 @@ class GrpcConnection(GRPCConnection):  # type: ignore[misc]  # purerpc has no ty
             GRPCConfiguration(client_side=client_side, max_message_length=max_message_length)
         )
 
-    def _request_received(self, event: h2.events.RequestReceived) -> list[Any]:
+    def _headers_received(
+        self, event: Any, parse: Any, what: str, unsupported: StatusCode
+    ) -> list[Any]:
+        """Run purerpc's ``parse`` of request or response headers, failing only this call
+        when they are malformed or name an encoding we do not accept."""
         try:
-            events: list[Any] = super()._request_received(event)
+            events: list[Any] = parse(event)
         except (ProtocolError, ValueError, KeyError, TypeError) as exc:
             self.message_read_buffers.pop(event.stream_id, None)
-            return [CallFailed(event.stream_id, Status(StatusCode.INTERNAL, f"malformed request: {exc}"))]
+            return [CallFailed(event.stream_id, Status(StatusCode.INTERNAL, f"malformed {what}: {exc}"))]
         encoding = events[0].message_encoding
         if encoding not in ACCEPTED_ENCODINGS:
-            del self.message_read_buffers[event.stream_id]
+            self.message_read_buffers.pop(event.stream_id, None)
             return [CallFailed(event.stream_id, Status(
-                StatusCode.UNIMPLEMENTED, f"message encoding {encoding!r} is not supported"))]
+                unsupported, f"{what} encoding {encoding!r} is not supported"))]
         return events
 
+    def _request_received(self, event: h2.events.RequestReceived) -> list[Any]:
+        return self._headers_received(
+            event, super()._request_received, "request", StatusCode.UNIMPLEMENTED)
+
     def _response_received(self, event: h2.events.ResponseReceived) -> list[Any]:
-        try:
-            events: list[Any] = super()._response_received(event)
-        except (ProtocolError, ValueError, KeyError, TypeError) as exc:
-            self.message_read_buffers.pop(event.stream_id, None)
-            return [CallFailed(event.stream_id, Status(StatusCode.INTERNAL, f"malformed response: {exc}"))]
-        encoding = events[0].message_encoding
-        if encoding not in ACCEPTED_ENCODINGS:
-            self.message_read_buffers.pop(event.stream_id, None)
-            return [CallFailed(event.stream_id, Status(
-                StatusCode.INTERNAL, f"response encoding {encoding!r} is not supported"))]
-        return events
+        return self._headers_received(
+            event, super()._response_received, "response", StatusCode.INTERNAL)
 
     def _trailers_received(self, event: h2.events.TrailersReceived) -> list[Any]:
         try:

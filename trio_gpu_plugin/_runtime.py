@@ -121,7 +121,6 @@ class DevicePlugin:
         raise AssertionError("unreachable: _keep_registered never returns")  # pragma: no cover
 
     async def _keep_registered(self, service: DevicePluginService) -> NoReturn:
-        name = service.resource.name
         failures = 0
         # One inotify instance for the resource's whole life: closing one costs
         # milliseconds, which would land right in the re-registration's path.

@@ -131,7 +131,7 @@ def _load_libc() -> Any:
     # find_library runs ldconfig in a subprocess, so it is only the fallback.
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        getattr(libc, "inotify_init1")  # AttributeError when this program lacks it
+        libc.inotify_init1  # noqa: B018 (AttributeError when this program lacks it)
     except (OSError, AttributeError):
         name = ctypes.util.find_library("c")
         if name is None:

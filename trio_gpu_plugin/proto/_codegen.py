@@ -719,7 +719,7 @@ def compile_package(classes: Iterable[type[Message]]) -> None:
     # One compile per message: CPython's compiler needs several times the source's size
     # in transient memory, and the allocator keeps what it took.  Compiling the whole
     # package at once cost the process about 10 MiB of resident memory for good.
-    for name, text in zip(by_name, source):
+    for name, text in zip(by_name, source, strict=True):
         exec(compile(text, f"<trio_gpu_plugin.proto codec for {package}.{name}>", "exec"),
              namespace)
 

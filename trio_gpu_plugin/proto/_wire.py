@@ -22,8 +22,6 @@ WIRETYPE_START_GROUP: Final = 3
 WIRETYPE_END_GROUP: Final = 4
 WIRETYPE_FIXED32: Final = 5
 
-MASK32: Final = 0xFFFF_FFFF
-MASK64: Final = 0xFFFF_FFFF_FFFF_FFFF
 # Field numbers are 29 bits (protobuf language guide, "Assigning Field Numbers").
 MAX_FIELD_NUMBER: Final = (1 << 29) - 1
 # A varint encodes at most 64 bits, 7 per byte: 10 bytes.
