@@ -57,7 +57,7 @@ def test_runtime_dependencies_are_pure_python_and_exclude_the_test_peers() -> No
         if line.strip() and not line.strip().startswith("#")
     ]
     names = [re.split(r"[<>=!~ ]", r, maxsplit=1)[0].lower() for r in requires]
-    assert names == ["trio", "purerpc", "nvidia-ml-py"]
+    assert names == ["trio", "purerpc", "nvidia-ml-py", "pyyaml"]
     assert "purerpc==0.8.0" in requires
     for peer in ("protobuf", "grpcio", "grpcio-tools"):
         assert peer in config["options.extras_require"]["test"]
