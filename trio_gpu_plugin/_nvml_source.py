@@ -1,0 +1,617 @@
+"""The NVML device source: discovery, the health event task, probes and recovery.
+
+:class:`NvmlNode` owns NVML for the whole process.  Its ``run`` is a loop of *NVML
+sessions*: ``nvmlInit``, discovery (one immutable :class:`NodeModel`), then two tasks in
+one nursery until NVML fails:
+
+* the event task: one event set for every GPU, waited on in a worker thread with a short
+  timeout (so cancelling takes at most that long, and the set is freed only once the
+  waiting thread has returned);
+* the probe task: every ``probe_interval`` seconds, asks NVML about each device; a GPU
+  NVML can no longer reach goes Unhealthy, and an Unhealthy one comes back once NVML
+  answers for it, no critical event arrived for ``recovery_window`` seconds and no page
+  retirement or row remap is pending (NVIDIA's plugin never recovers, #234).
+
+If NVML fails (init at start, or a wait or probe later), every device is marked Unhealthy,
+one line is logged per back-off step, and the loop starts a new session once NVML
+answers again.  Health lives in a :class:`HealthTracker` that outlives sessions.
+
+:class:`NvmlDeviceSource` is the :class:`~trio_gpu_plugin.DeviceSource` of one resource
+over a node: a *selector* turns the model into logical devices (whole GPUs, MIG slices,
+replicas), each built on health units (GPU and MIG UUIDs), so an event on a GPU marks
+every logical device built on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final, NoReturn
+
+import pynvml
+import trio
+
+from ._devices import DeviceInfo, Publish
+from ._discovery import DiscoveryError, DiscoveryResult, discover
+from ._health import (
+    HealthChecks,
+    HealthTracker,
+    Transition,
+    describe_xid,
+    gpu_units,
+    logical_health,
+    mig_units,
+    units_for_event,
+)
+from ._node_model import NodeModel
+from ._nvml import (
+    EVENT_DOUBLE_BIT_ECC,
+    EVENT_GPU_UNAVAILABLE,
+    EVENT_XID,
+    NVML,
+    NVMLError,
+    nvml_gone,
+    text,
+)
+from .proto import v1beta1
+
+__all__ = [
+    "DeviceSelector",
+    "LogicalDevice",
+    "NvmlDeviceSource",
+    "NvmlInitError",
+    "NvmlNode",
+    "mig_slices",
+    "whole_gpus",
+    "with_replicas",
+]
+
+log = logging.getLogger("trio_gpu_plugin.nvml")
+
+#: Event waits time out this often (ms) so that cancellation is prompt.
+WAIT_TIMEOUT_MS: Final = 250
+RECOVERY_WINDOW: Final = 60.0
+PROBE_INTERVAL: Final = 5.0
+RETRY_INITIAL: Final = 0.5
+RETRY_CAP: Final = 30.0
+
+_INIT_HINT: Final = (
+    "check that the NVIDIA driver is loaded on this node (nvidia-smi works there), that the "
+    "container runs with the NVIDIA runtime or has libnvidia-ml.so.1 mounted, and that "
+    "NVIDIA_VISIBLE_DEVICES=all and NVIDIA_DRIVER_CAPABILITIES includes 'utility'; "
+    "or set --fail-on-init-error=false to keep retrying")
+
+
+class NvmlInitError(RuntimeError):
+    """NVML could not be initialised (or the node not discovered) at start-up, and
+    ``fail_on_init_error`` is set."""
+
+
+class _NvmlGone(Exception):
+    """NVML failed as a whole during a session."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LogicalDevice:
+    """A device as one resource advertises it.
+
+    Attributes:
+        id: its ID in the resource (a UUID, ``<uuid>::<n>`` for a replica...).
+        units: the health units (GPU and MIG UUIDs) it is built on; it is Healthy iff
+            all of them are.
+        numa_nodes: NUMA nodes it is attached to.
+        visible: what the container runtime is told (``NVIDIA_VISIBLE_DEVICES``).
+    """
+
+    id: str
+    units: tuple[str, ...]
+    numa_nodes: tuple[int, ...]
+    visible: str
+
+
+#: ``selector(model) -> logical devices`` of one resource.
+DeviceSelector = Callable[[NodeModel], Sequence[LogicalDevice]]
+
+
+def whole_gpus(model: NodeModel) -> list[LogicalDevice]:
+    """Every physical GPU, by UUID (MIG-enabled GPUs too: NVIDIA's ``none`` strategy)."""
+    return [
+        LogicalDevice(gpu.uuid, gpu_units(gpu),
+                      () if gpu.numa_node is None else (gpu.numa_node,), gpu.uuid)
+        for gpu in model.gpus
+    ]
+
+
+def mig_slices(model: NodeModel, profile: str | None = None) -> list[LogicalDevice]:
+    """Every MIG device (of one profile, if given), by MIG UUID."""
+    return [
+        LogicalDevice(mig.uuid, mig_units(mig),
+                      () if mig.numa_node is None else (mig.numa_node,), mig.uuid)
+        for mig in model.mig_devices
+        if profile is None or mig.profile == profile
+    ]
+
+
+def with_replicas(select: DeviceSelector, replicas: int) -> DeviceSelector:
+    """Each device of ``select`` as ``replicas`` shared copies ``<id>::<n>``; all copies
+    share the device's health units."""
+    if replicas < 1:
+        raise ValueError(f"replicas must be at least 1, got {replicas}")
+
+    def selector(model: NodeModel) -> list[LogicalDevice]:
+        return [dataclasses.replace(d, id=f"{d.id}::{n}")
+                for d in select(model) for n in range(replicas)]
+    return selector
+
+
+def _backoff(attempt: int, initial: float = RETRY_INITIAL, cap: float = RETRY_CAP) -> float:
+    # "Full jitter" between half and all of the step: plugins on many nodes that lost
+    # NVML together (a driver upgrade) do not retry in lockstep.
+    return random.uniform(0.5, 1.0) * min(cap, initial * 2.0 ** min(attempt, 32))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Event:
+    uuid: str | None
+    event_type: int
+    data: int
+    gi: int
+    ci: int
+    error: str = ""
+
+
+class NvmlNode:
+    """NVML on this node: the device model and the health of every GPU and MIG device.
+
+    Run it in your nursery: ``await nursery.start(node.run)`` returns once NVML is up and
+    the node discovered; then build sources with :meth:`source`.  Cancel to stop.
+
+    Args:
+        nvml: ``pynvml`` (see :func:`~trio_gpu_plugin._nvml.load_pynvml`) or a
+            :class:`~trio_gpu_plugin.SimulatedNVML`.
+        root: where ``sys/`` is read for NUMA nodes (``/``, or a simulated node's root).
+        checks: which health checks run; default from ``DP_DISABLE_HEALTHCHECKS`` and
+            ``DP_ENABLE_HEALTHCHECKS`` in the environment.
+        recovery_window: seconds without a critical event before an Unhealthy device
+            may come back; 0 never recovers (NVIDIA's behaviour).
+        probe_interval: seconds between probes of every device.
+        fail_on_init_error: raise :class:`NvmlInitError` if NVML cannot start; otherwise
+            retry with capped back-off and report started once it works.
+        limiter: bounds worker threads used for NVML calls.
+        wait_timeout_ms: each event wait's timeout; cancellation waits for at most one.
+        retry_initial, retry_cap: first and largest delay (seconds) between attempts
+            to start NVML after it failed; each failure doubles the delay.
+    """
+
+    def __init__(
+        self,
+        nvml: NVML,
+        *,
+        root: str | os.PathLike[str] = "/",
+        checks: HealthChecks | None = None,
+        recovery_window: float = RECOVERY_WINDOW,
+        probe_interval: float = PROBE_INTERVAL,
+        fail_on_init_error: bool = True,
+        limiter: trio.CapacityLimiter | None = None,
+        wait_timeout_ms: int = WAIT_TIMEOUT_MS,
+        retry_initial: float = RETRY_INITIAL,
+        retry_cap: float = RETRY_CAP,
+    ) -> None:
+        if recovery_window < 0:
+            raise ValueError(f"recovery window must be >= 0 seconds, got {recovery_window}")
+        if probe_interval <= 0:
+            raise ValueError(f"probe interval must be > 0 seconds, got {probe_interval}")
+        self.nvml = nvml
+        self.root = root
+        self.checks = checks if checks is not None else HealthChecks.from_env(os.environ)
+        self.recovery_window = recovery_window
+        self.probe_interval = probe_interval
+        self.fail_on_init_error = fail_on_init_error
+        self.wait_timeout_ms = wait_timeout_ms
+        self.retry_initial = retry_initial
+        self.retry_cap = retry_cap
+        # Two threads: the event wait holds one for its whole life; probes use the other.
+        self.limiter = limiter or trio.CapacityLimiter(2)
+        self.tracker = HealthTracker(recovery_window)
+        #: The node as last discovered (``None`` until NVML first answers).
+        self.model: NodeModel | None = None
+        #: NVML sessions started so far.
+        self.sessions = 0
+        self._listeners: list[Callable[[], None]] = []
+        self._ready = trio.Event()
+
+    # --- what sources see ---------------------------------------------------------------
+
+    def healthy(self, units: Iterable[str]) -> bool:
+        """Whether every given health unit is healthy."""
+        return logical_health(self.tracker, units)
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` after every change of model or health; returns the
+        unsubscribe function."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    async def wait_model(self) -> NodeModel:
+        """The model, once NVML has answered for the first time."""
+        await self._ready.wait()
+        assert self.model is not None
+        return self.model
+
+    def source(self, select: DeviceSelector = whole_gpus) -> NvmlDeviceSource:
+        """A device source for one resource over this node."""
+        return NvmlDeviceSource(self, select)
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            listener()
+
+    # --- health bookkeeping -------------------------------------------------------------
+
+    def _describe(self, unit: str) -> str:
+        model = self.model
+        if model is not None:
+            for gpu in model.gpus:
+                if gpu.uuid == unit:
+                    return f"GPU {gpu.index} ({unit})"
+                for mig in gpu.mig_devices:
+                    if mig.uuid == unit:
+                        return f"MIG {gpu.index}:{mig.index} {mig.profile} ({unit})"
+        return unit
+
+    def _log(self, transition: Transition | None) -> bool:
+        if transition is None:
+            return False
+        if transition.healthy:
+            log.info("%s is healthy again: %s", self._describe(transition.unit), transition.reason)
+        else:
+            log.warning("%s is unhealthy: %s", self._describe(transition.unit), transition.reason)
+        return True
+
+    def _mark(self, units: Iterable[str], reason: str) -> bool:
+        now = trio.current_time()
+        changed = False
+        for unit in units:
+            changed |= self._log(self.tracker.mark(unit, reason, now))
+        return changed
+
+    def _all_units(self) -> list[str]:
+        model = self.model
+        if model is None:
+            return []
+        return [u for gpu in model.gpus for u in gpu_units(gpu)]
+
+    # --- the session loop ---------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        """Keep NVML sessions going until cancelled (see the module docstring).
+
+        Raises:
+            NvmlInitError: the first init or discovery failed and ``fail_on_init_error``.
+        """
+        log.info("%s", self.checks.describe())
+        for problem in self.checks.problems:
+            log.warning("%s", problem)
+        attempt = 0
+        last_failure = ""
+        reported = False
+
+        def ready() -> None:
+            # Started once, when the first session watches events: an XID injected (or
+            # raised) right after start-up is not missed.
+            nonlocal reported
+            if not reported:
+                reported = True
+                task_status.started()
+
+        while True:
+            try:
+                result = await self._start_session()
+            except (NVMLError, DiscoveryError) as exc:
+                failure = f"{type(exc).__name__}: {exc}" if isinstance(exc, DiscoveryError) else str(exc)
+                if self.model is None and self.fail_on_init_error:
+                    raise NvmlInitError(f"NVML could not start: {failure}; {_INIT_HINT}") from exc
+                delay = _backoff(attempt, self.retry_initial, self.retry_cap)
+                attempt += 1
+                # One line per back-off step: the steps double up to the cap, so a
+                # node whose driver is gone for a day logs a few thousand lines, not
+                # millions (NVIDIA #669).
+                log.warning("NVML unavailable: %s; retrying in %.1f s%s", failure, delay,
+                            "" if failure == last_failure else f" ({_INIT_HINT})")
+                last_failure = failure
+                if self._mark(self._all_units(), f"NVML unavailable: {failure}"):
+                    self._notify()
+                await trio.sleep(delay)
+                continue
+            attempt = 0
+            self._install(result)
+            try:
+                failure = await self._session(result.model, ready)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._shutdown()
+            log.warning("NVML failed: %s; all devices marked Unhealthy until it answers again",
+                        failure)
+            if self._mark(self._all_units(), f"NVML failed: {failure}"):
+                self._notify()
+            delay = _backoff(attempt, self.retry_initial, self.retry_cap)
+            attempt += 1
+            log.warning("NVML: starting a new session in %.1f s", delay)
+            await trio.sleep(delay)
+
+    async def _start_session(self) -> DiscoveryResult:
+        nvml = self.nvml
+
+        def start() -> DiscoveryResult:
+            nvml.nvmlInit()
+            try:
+                return discover(nvml, self.root)
+            except BaseException:
+                nvml.nvmlShutdown()
+                raise
+
+        result = await trio.to_thread.run_sync(start, limiter=self.limiter)
+        self.sessions += 1
+        return result
+
+    async def _shutdown(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self.nvml.nvmlShutdown, limiter=self.limiter)
+        except NVMLError as exc:
+            log.debug("nvmlShutdown: %s", exc)
+
+    def _install(self, result: DiscoveryResult) -> None:
+        model = result.model
+        first = self.model is None
+        self.model = model
+        self.tracker.forget(self._all_units())
+        summary = ", ".join(
+            f"{g.index}: {g.name} {g.uuid}"
+            + (f" MIG [{', '.join(m.profile for m in g.mig_devices)}]" if g.mig_enabled else "")
+            for g in model.gpus)
+        log.info("NVML session %d: driver %s, %d GPU(s)%s%s", self.sessions, model.driver_version,
+                 len(model.gpus), ": " if model.gpus else "", summary)
+        for device, problem in result.problems.items():
+            log.warning("discovery: %s: %s", device, problem)
+            if not device.startswith("GPU "):
+                gpu = model.gpu(device)
+                self._mark(gpu_units(gpu), problem)
+        self._ready.set()
+        if not first or result.problems:
+            self._notify()
+
+    async def _session(self, model: NodeModel, ready: Callable[[], None]) -> str:
+        """Run the event and probe tasks until NVML fails; return how it failed.  Calls
+        ``ready`` once events are registered."""
+        failure = ""
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.checks.watches_events:
+                    await nursery.start(self._event_task, model)
+                if not self.checks.off:
+                    nursery.start_soon(self._probe_task, model)
+                else:
+                    # Nothing to watch, but the session (and NVML) stays up.
+                    nursery.start_soon(trio.sleep_forever)
+                ready()
+        except* _NvmlGone as group:
+            failure = str(group.exceptions[0])
+        return failure
+
+    # --- events ---------------------------------------------------------------------------
+
+    def _register(self, model: NodeModel, event_set: Any) -> dict[str, str]:
+        """Register every GPU on the event set (blocking); GPU UUID -> failure."""
+        failures = {}
+        for gpu in model.gpus:
+            try:
+                handle = self.nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
+                mask = self.checks.event_mask(self.nvml.nvmlDeviceGetSupportedEventTypes(handle))
+                if mask:
+                    self.nvml.nvmlDeviceRegisterEvents(handle, mask, event_set)
+            except NVMLError as exc:
+                if nvml_gone(exc):
+                    raise
+                if getattr(exc, "value", None) == pynvml.NVML_ERROR_NOT_SUPPORTED:
+                    log.warning("GPU %d (%s) is too old to support health checking through NVML "
+                                "events; probes still watch it", gpu.index, gpu.uuid)
+                    continue
+                failures[gpu.uuid] = f"cannot register for NVML events: {exc}"
+        return failures
+
+    def _wait(self, event_set: Any) -> _Event | None:
+        """One event wait (blocking); the GPU's UUID is read in the same thread."""
+        try:
+            data = self.nvml.nvmlEventSetWait_v2(event_set, self.wait_timeout_ms)
+        except pynvml.NVMLError_Timeout:
+            return None
+        try:
+            uuid: str | None = text(self.nvml.nvmlDeviceGetUUID(data.device))
+            error = ""
+        except NVMLError as exc:
+            uuid, error = None, str(exc)
+        return _Event(uuid, int(data.eventType), int(data.eventData),
+                      int(data.gpuInstanceId), int(data.computeInstanceId), error)
+
+    async def _event_task(self, model: NodeModel, *,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        limiter = self.limiter
+        event_set = await trio.to_thread.run_sync(self.nvml.nvmlEventSetCreate, limiter=limiter)
+        try:
+            try:
+                failures = await trio.to_thread.run_sync(self._register, model, event_set,
+                                                         limiter=limiter)
+            except NVMLError as exc:
+                raise _NvmlGone(f"registering for events: {exc}") from exc
+            changed = False
+            for uuid, failure in failures.items():
+                changed |= self._mark(gpu_units(model.gpu(uuid)), failure)
+            if changed:
+                self._notify()
+            task_status.started()
+            while True:
+                # Not abandon_on_cancel: the thread must be back before the set is freed;
+                # the short timeout keeps cancellation prompt instead.
+                try:
+                    event = await trio.to_thread.run_sync(self._wait, event_set, limiter=limiter)
+                except NVMLError as exc:
+                    raise _NvmlGone(f"event wait failed: {exc}") from exc
+                if event is not None and self._on_event(model, event):
+                    self._notify()
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await trio.to_thread.run_sync(self.nvml.nvmlEventSetFree, event_set,
+                                                  limiter=limiter)
+                except NVMLError as exc:
+                    log.debug("nvmlEventSetFree: %s", exc)
+
+    def _on_event(self, model: NodeModel, event: _Event) -> bool:
+        """Apply one NVML event; whether any device changed health."""
+        checks = self.checks
+        if event.event_type & EVENT_XID:
+            if not checks.counts_xid(event.data):
+                log.debug("ignoring XID %d on %s (not a health check here)", event.data, event.uuid)
+                return False
+            meaning = describe_xid(event.data)
+            reason = f"XID {event.data}" + (f" ({meaning})" if meaning else "")
+        elif event.event_type & EVENT_DOUBLE_BIT_ECC and checks.checks_dbe:
+            reason = "double-bit ECC error"
+        elif event.event_type & EVENT_GPU_UNAVAILABLE and checks.checks_lost:
+            reason = "GPU unavailable"
+        else:
+            log.debug("ignoring NVML event type 0x%x on %s", event.event_type, event.uuid)
+            return False
+        if event.uuid is None:
+            # NVIDIA does the same: an event whose GPU cannot be named may be any of them.
+            return self._mark(self._all_units(),
+                              f"{reason} on a GPU NVML cannot name ({event.error})")
+        units = units_for_event(model, event.uuid, event.gi, event.ci)
+        if not units:
+            log.info("%s on %s GI %d CI %d: not a device this plugin serves; ignored",
+                     reason, event.uuid, event.gi, event.ci)
+            return False
+        return self._mark(units, reason)
+
+    # --- probes ---------------------------------------------------------------------------
+
+    def _probe(self, model: NodeModel, unhealthy: frozenset[str]) -> dict[str, tuple[str | None, str | None]]:
+        """Ask NVML about every GPU (blocking): unit -> (failure, pending)."""
+        nvml = self.nvml
+        results: dict[str, tuple[str | None, str | None]] = {}
+        gone: list[NVMLError] = []
+        for gpu in model.gpus:
+            units = gpu_units(gpu)
+            try:
+                handle = nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
+                nvml.nvmlDeviceGetMemoryInfo(handle)
+                pending = self._pending(handle) if unhealthy.intersection(units) else None
+                for mig in gpu.mig_devices:
+                    nvml.nvmlDeviceGetHandleByUUID(mig.uuid)
+            except NVMLError as exc:
+                if nvml_gone(exc):
+                    gone.append(exc)
+                for unit in units:
+                    results[unit] = (f"NVML cannot reach it: {exc}", None)
+                continue
+            for unit in units:
+                results[unit] = (None, pending)
+        if gone and len(gone) == len(model.gpus):
+            raise gone[0]
+        return results
+
+    def _pending(self, handle: Any) -> str | None:
+        nvml = self.nvml
+        try:
+            if nvml.nvmlDeviceGetRetiredPagesPendingStatus(handle) == pynvml.NVML_FEATURE_ENABLED:
+                return "page retirement pending (the GPU needs a reset)"
+        except NVMLError as exc:
+            if nvml_gone(exc) or getattr(exc, "value", None) == pynvml.NVML_ERROR_GPU_IS_LOST:
+                raise
+        try:
+            if nvml.nvmlDeviceGetRemappedRows(handle)[2]:
+                return "row remap pending (the GPU needs a reset)"
+        except NVMLError as exc:
+            if nvml_gone(exc) or getattr(exc, "value", None) == pynvml.NVML_ERROR_GPU_IS_LOST:
+                raise
+        return None
+
+    async def _probe_task(self, model: NodeModel) -> None:
+        while True:
+            await trio.sleep(self.probe_interval)
+            unhealthy = frozenset(self.tracker.unhealthy_units())
+            if not unhealthy and not self.checks.checks_lost:
+                continue
+            try:
+                results = await trio.to_thread.run_sync(self._probe, model, unhealthy,
+                                                        limiter=self.limiter)
+            except NVMLError as exc:
+                raise _NvmlGone(f"probes failed: {exc}") from exc
+            now = trio.current_time()
+            changed = False
+            for unit, (failure, pending) in results.items():
+                if failure is not None:
+                    if self.checks.checks_lost or unit in unhealthy:
+                        changed |= self._log(self.tracker.mark(unit, failure, now))
+                elif unit in unhealthy:
+                    changed |= self._log(self.tracker.probe_ok(unit, now, pending))
+            if changed:
+                self._notify()
+
+
+class NvmlDeviceSource:
+    """The :class:`~trio_gpu_plugin.DeviceSource` of one resource over an
+    :class:`NvmlNode`: the selector's logical devices, each Healthy iff all its units are.
+
+    Allocate answers with NVIDIA's default ``envvar`` strategy: ``NVIDIA_VISIBLE_DEVICES``
+    lists the devices' ``visible`` names, each once (replicas of one GPU name it once).
+    """
+
+    def __init__(self, node: NvmlNode, select: DeviceSelector = whole_gpus) -> None:
+        self.node = node
+        self.select = select
+        self._model: NodeModel | None = None
+        self._devices: dict[str, LogicalDevice] = {}
+
+    def devices(self) -> list[LogicalDevice]:
+        """The logical devices of the current model."""
+        model = self.node.model
+        if model is not None and model is not self._model:
+            devices = list(self.select(model))
+            self._devices = {d.id: d for d in devices}
+            self._model = model
+        return list(self._devices.values())
+
+    def device_infos(self) -> list[DeviceInfo]:
+        """The device list as published now."""
+        return [DeviceInfo(d.id, self.node.healthy(d.units), d.numa_nodes) for d in self.devices()]
+
+    async def run(self, publish: Publish, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Publish the device list once the node is up, then every change."""
+        await self.node.wait_model()
+        last: list[DeviceInfo] | None = None
+
+        def update() -> None:
+            nonlocal last
+            now = self.device_infos()
+            if now != last:
+                last = now
+                publish(now)
+
+        update()
+        unsubscribe = self.node.subscribe(update)
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            unsubscribe()
+
+    def allocate(self, device_ids: Sequence[str]) -> v1beta1.ContainerAllocateResponse:
+        """NVIDIA's ``envvar`` strategy."""
+        self.devices()
+        visible = dict.fromkeys(self._devices[i].visible for i in device_ids)
+        return v1beta1.ContainerAllocateResponse(envs={"NVIDIA_VISIBLE_DEVICES": ",".join(visible)})
