@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,18 +56,31 @@ async def test_sigterm_or_sigint_stops_the_plugin_removes_its_socket_and_exits_0
             await process.stderr.aclose()
 
 
-async def test_sighup_reloads_and_registers_again(fake_kubelet: FakeKubelet,
-                                                  socket_dir: pathlib.Path) -> None:
-    node = socket_dir / "node.json"
-    node.write_text(json.dumps({"gpus": [{"uuid": "GPU-a", "numa_node": 0}]}))
-    process = await start_cli(fake_kubelet, "--simulate", str(node))
+async def inject_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return await trio.to_thread.run_sync(lambda: run_cli("inject", *args))
+
+
+async def test_an_injected_xid_shows_at_the_kubelet_and_survives_sighup(
+        fake_kubelet: FakeKubelet, socket_dir: pathlib.Path) -> None:
+    control = str(socket_dir / "control.sock")
+    process = await start_cli(fake_kubelet, "--simulate", "pcie-4", "--simulate-control", control,
+                              "--health-recovery-window", "0")
     try:
         await fake_kubelet.wait_registered(GPU, timeout=HANG_GUARD)
-        assert fake_kubelet.resources[GPU].healthy == {"GPU-a"}
-        node.write_text(json.dumps({"gpus": [{"uuid": "GPU-a"}, {"uuid": "GPU-b", "healthy": False}]}))
+        view = fake_kubelet.resources[GPU]
+        assert view.capacity == 4 and view.allocatable == 4
+        listed = await inject_cli("--control", control, "list")
+        assert listed.returncode == 0, listed.stderr
+        gpus = json.loads(listed.stdout)["gpus"]
+        victim = gpus[2]["uuid"]
+        result = await inject_cli("--control", control, "xid", "--gpu", "2", "--xid", "79")
+        assert (result.returncode, result.stdout.strip()) == (0, '{"ok": true}'), result.stderr
+        await fake_kubelet.wait_until(lambda: fake_kubelet.resources[GPU].unhealthy == {victim})
+        # NVIDIA's plugin forgets health when it re-registers (#111); ours does not.
         process.send_signal(signal.SIGHUP)
         await fake_kubelet.wait_registered(GPU, count=2, timeout=HANG_GUARD)
-        await fake_kubelet.wait_until(lambda: fake_kubelet.resources[GPU].unhealthy == {"GPU-b"})
+        await trio.sleep(0.2)
+        assert fake_kubelet.resources[GPU].unhealthy == {victim}
         process.send_signal(signal.SIGTERM)
         assert await wait_exit(process) == 0
     finally:
@@ -76,16 +90,66 @@ async def test_sighup_reloads_and_registers_again(fake_kubelet: FakeKubelet,
             await process.stderr.aclose()
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("SIMULATE", "KUBELET_SOCKET")}
+async def test_inject_says_what_was_wrong(fake_kubelet: FakeKubelet, socket_dir: pathlib.Path) -> None:
+    control = str(socket_dir / "control.sock")
+    process = await start_cli(fake_kubelet, "--simulate", "pcie-4", "--simulate-control", control)
+    try:
+        await fake_kubelet.wait_registered(GPU, timeout=HANG_GUARD)
+        result = await inject_cli("--control", control, "xid", "--gpu", "9", "--xid", "79")
+        assert result.returncode == 1
+        answer = json.loads(result.stdout)
+        assert answer["ok"] is False and "9" in answer["error"]
+        result = await inject_cli("--control", control, "lost")
+        assert result.returncode == 2 and "op lost needs --gpu" in result.stderr
+    finally:
+        process.kill()
+        await process.wait()
+        if process.stderr is not None:
+            await process.stderr.aclose()
+    result = await inject_cli("--control", str(socket_dir / "nobody.sock"), "list")
+    assert result.returncode == 1
+    assert "nobody.sock" in result.stderr and "--simulate-control" in result.stderr
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("SIMULATE", "KUBELET_SOCKET", "FAIL_ON_INIT_ERROR", "SIMULATE_CONTROL")}
     return subprocess.run([sys.executable, "-m", "trio_gpu_plugin", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60, env=env)
+                          capture_output=True, text=True, timeout=60, env=clean | (env or {}))
 
 
-def test_without_a_device_source_the_cli_says_what_to_do() -> None:
-    result = run_cli()
-    assert result.returncode == 2
-    assert "--simulate" in result.stderr and "NVML" in result.stderr
+NO_GPU = pytest.mark.skipif(shutil.which("nvidia-smi") is not None,
+                            reason="this machine has an NVIDIA driver")
+
+
+@NO_GPU
+def test_without_nvml_start_up_fails_with_exit_1_and_what_to_check(socket_dir: pathlib.Path) -> None:
+    result = run_cli("--kubelet-socket", str(socket_dir / "kubelet.sock"))
+    assert result.returncode == 1
+    assert "NVML could not start: NVML Shared Library Not Found" in result.stderr
+    assert "nvidia-smi" in result.stderr and "--fail-on-init-error=false" in result.stderr
+
+
+@NO_GPU
+async def test_with_fail_on_init_error_false_it_keeps_trying_and_stops_cleanly(
+        fake_kubelet: FakeKubelet) -> None:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_gpu_plugin", "--kubelet-socket", str(fake_kubelet.kubelet_socket)],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if k != "SIMULATE"} | {"FAIL_ON_INIT_ERROR": "false"})
+    assert process.stderr is not None
+    try:
+        output = b""
+        with trio.fail_after(HANG_GUARD):
+            while output.count(b"NVML unavailable") < 2:
+                output += await process.stderr.receive_some()
+        assert not fake_kubelet.registrations
+        process.send_signal(signal.SIGTERM)
+        assert await wait_exit(process) == 0
+    finally:
+        process.kill()
+        await process.wait()
+        await process.stderr.aclose()
 
 
 def test_a_bad_simulate_value_names_it() -> None:
@@ -95,18 +159,33 @@ def test_a_bad_simulate_value_names_it() -> None:
 
 
 def test_a_bad_simulate_file_names_the_key(socket_dir: pathlib.Path) -> None:
-    node = socket_dir / "node.json"
-    node.write_text(json.dumps({"gpus": [{"uuid": "GPU-a", "numa_node": -1}]}))
+    node = socket_dir / "node.yaml"
+    node.write_text("gpus:\n  - model: Tesla T4\n    numa_node: zero\n")
     result = run_cli("--simulate", str(node))
     assert result.returncode == 2
-    assert "gpus[0].numa_node" in result.stderr
+    assert "gpus[0].numa_node" in result.stderr and "'zero'" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "env", "expected"), [
+    ((), {"FAIL_ON_INIT_ERROR": "maybe"}, "environment variable FAIL_ON_INIT_ERROR: 'maybe' is not a boolean"),
+    (("--fail-on-init-error=maybe",), {}, "'maybe' is not a boolean"),
+    (("--health-recovery-window", "-1"), {}, "'-1' must be a finite number of seconds >= 0"),
+    (("--health-probe-interval", "0"), {}, "'0' must be more than 0 seconds"),
+    ((), {"HEALTH_PROBE_INTERVAL": "soon"}, "HEALTH_PROBE_INTERVAL: 'soon' is not a number"),
+    (("--simulate-control", "/tmp/x.sock"), {}, "--simulate-control needs --simulate"),
+])
+def test_bad_flags_and_environment_stop_start_up_naming_them(
+        args: tuple[str, ...], env: dict[str, str], expected: str) -> None:
+    result = run_cli(*args, env=env)
+    assert result.returncode == 2
+    assert expected in result.stderr
 
 
 def test_demo_runs_with_no_gpu_and_no_kubelet() -> None:
     result = run_cli("demo")
     assert result.returncode == 0, result.stderr
     steps = [line[:2] for line in result.stdout.splitlines() if re.match(r"\d\. ", line)]
-    assert steps == ["1.", "2.", "3.", "4.", "5."]
+    assert steps == ["1.", "2.", "3.", "4.", "5.", "6."]
     assert "NVIDIA_VISIBLE_DEVICES=GPU-" in result.stdout
     assert "registered again" in result.stdout
 
@@ -116,7 +195,8 @@ async def test_demo_narrates_each_step() -> None:
     assert await run_demo("dgx-a100", lines.append) == 0
     text = "\n".join(lines)
     for expected in ("registration", "device table: 8 devices, 8 healthy", "admission of a 2-GPU pod",
-                     "went unhealthy", "7 allocatable of 8", "kubelet restart"):
+                     "NVML reported XID 79", "7 allocatable of 8", "kubelet restart",
+                     "Healthy again", "8 of 8 allocatable"):
         assert expected in text
 
 
