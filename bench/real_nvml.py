@@ -1,0 +1,211 @@
+"""The NVML device source on a real GPU: discovery, events, health task, clean stop.
+
+Run on a machine with an NVIDIA GPU and driver (``nvidia-smi`` on the PATH):
+
+    python bench/real_nvml.py [--seconds 5] [--json FILE]
+
+It discovers the GPUs through real NVML (pynvml) with the same code the plugin runs,
+checks the device model against ``nvidia-smi -q -x`` (UUID, minor number, memory, PCI bus
+ID) and ``nvidia-smi topo -m`` / sysfs (NUMA node), reads what health checking reads
+(supported event types, MIG mode, pending page retirement / row remap), then runs the
+NvmlNode (event task + probes) for a few seconds with a source publishing the device
+list, stops it by cancellation and times the stop.  Exit status 0 only if every check
+passed.  Prints what it found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import pynvml  # noqa: E402
+import trio  # noqa: E402
+
+from trio_gpu_plugin._devices import DeviceInfo  # noqa: E402
+from trio_gpu_plugin._discovery import discover, numa_node_path  # noqa: E402
+from trio_gpu_plugin._health import HealthChecks  # noqa: E402
+from trio_gpu_plugin._nvml import load_pynvml  # noqa: E402
+from trio_gpu_plugin._nvml_source import NvmlNode, mig_slices, whole_gpus  # noqa: E402
+
+failures: list[str] = []
+
+
+def check(ok: bool, what: str) -> None:
+    print(f"  [{'ok' if ok else 'FAIL'}] {what}")
+    if not ok:
+        failures.append(what)
+
+
+def nvidia_smi() -> dict[str, dict[str, Any]]:
+    """Per GPU UUID: minor, memory MiB, bus id, from ``nvidia-smi -q -x``."""
+    out = subprocess.run(["nvidia-smi", "-q", "-x"], capture_output=True, text=True, timeout=120)
+    tree = ET.fromstring(out.stdout)
+    found = {}
+    for gpu in tree.findall("gpu"):
+        total = gpu.findtext("fb_memory_usage/total") or ""
+        found[(gpu.findtext("uuid") or "").strip()] = {
+            "minor": int(gpu.findtext("minor_number") or -1)
+            if (gpu.findtext("minor_number") or "").strip().isdigit() else None,
+            "memory_mib": int(total.split()[0]) if total.split() else None,
+            "bus_id": (gpu.get("id") or "").upper(),
+            "product": (gpu.findtext("product_name") or "").strip(),
+            "mig_mode": (gpu.findtext("mig_mode/current_mig") or "").strip(),
+        }
+    return found
+
+
+def smi_numa() -> dict[int, int | None]:
+    """GPU index -> NUMA affinity column of ``nvidia-smi topo -m`` (when it has one)."""
+    out = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=60)
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in out.stdout.splitlines()]
+    header = next((line for line in lines if "NUMA Affinity" in line), None)
+    if header is None:
+        return {}
+    columns = re.split(r"\t+", header.strip())
+    try:
+        position = columns.index("NUMA Affinity")
+    except ValueError:
+        return {}
+    numa: dict[int, int | None] = {}
+    for line in lines:
+        match = re.match(r"^GPU(\d+)\t", line)
+        if match:
+            cells = re.split(r"\t+", line.strip())
+            # The header has no cell for the row label.
+            value = cells[position + 1] if position + 1 < len(cells) else ""
+            numa[int(match.group(1))] = int(value) if value.strip().isdigit() else None
+    return numa
+
+
+async def run_node(seconds: float) -> dict[str, Any]:
+    nvml = load_pynvml()
+    node = NvmlNode(nvml, root="/", checks=HealthChecks.from_env(os.environ),
+                    probe_interval=1.0)
+    published: list[list[DeviceInfo]] = []
+    report: dict[str, Any] = {}
+    async with trio.open_nursery() as nursery:
+        t0 = time.perf_counter()
+        await nursery.start(node.run)
+        report["start_s"] = time.perf_counter() - t0
+        model = node.model
+        assert model is not None
+        select = mig_slices if any(g.mig_enabled for g in model.gpus) else whole_gpus
+        await nursery.start(node.source(select).run, published.append)
+        await trio.sleep(seconds)
+        report["published"] = [[(d.id, d.healthy, d.numa_nodes) for d in devices]
+                               for devices in published]
+        report["unhealthy"] = node.tracker.unhealthy_units()
+        report["sessions"] = node.sessions
+        t1 = time.perf_counter()
+        nursery.cancel_scope.cancel()
+    report["stop_s"] = time.perf_counter() - t1
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--json", help="also write the findings here")
+    args = parser.parse_args()
+    print(f"python {sys.version.split()[0]}, trio {trio.__version__}, nvidia-ml-py "
+          f"{getattr(pynvml, '__version__', '?')}")
+    if shutil.which("nvidia-smi") is None:
+        print("nvidia-smi not found: no NVIDIA GPU here")
+        return 2
+
+    nvml = load_pynvml()
+    nvml.nvmlInit()
+    try:
+        t0 = time.perf_counter()
+        result = discover(nvml, "/")
+        discovery_s = time.perf_counter() - t0
+        model = result.model
+        print(f"\ndiscovery: driver {model.driver_version}, {len(model.gpus)} GPU(s) in "
+              f"{discovery_s * 1000:.1f} ms; problems: {result.problems or 'none'}")
+        health_reads = {}
+        for gpu in model.gpus:
+            handle = nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
+            reads: dict[str, Any] = {}
+            for name, call in [
+                ("supported_events", lambda: hex(nvml.nvmlDeviceGetSupportedEventTypes(handle))),
+                ("mig_mode", lambda: nvml.nvmlDeviceGetMigMode(handle)),
+                ("retired_pages_pending", lambda: nvml.nvmlDeviceGetRetiredPagesPendingStatus(handle)),
+                ("remapped_rows", lambda: nvml.nvmlDeviceGetRemappedRows(handle)),
+            ]:
+                try:
+                    reads[name] = call()
+                except pynvml.NVMLError as exc:
+                    reads[name] = f"error: {exc}"
+            health_reads[gpu.uuid] = reads
+            print(f"  GPU {gpu.index}: {gpu.name} {gpu.uuid} minor {gpu.minor} "
+                  f"{gpu.memory_bytes / 2**20:.0f} MiB bus {gpu.pci_bus_id} cc "
+                  f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]} NUMA {gpu.numa_node} "
+                  f"NVLink peers {dict(gpu.nvlinks)} other links {gpu.nvswitch_links} "
+                  f"MIG {'on' if gpu.mig_enabled else 'off'} {[m.profile for m in gpu.mig_devices]}")
+            print(f"         {reads}")
+        print(f"  PCIe levels: {sorted(set(model.pcie.values()))}")
+    finally:
+        nvml.nvmlShutdown()
+
+    print("\nagainst nvidia-smi -q -x:")
+    smi = nvidia_smi()
+    check(set(smi) == {g.uuid for g in model.gpus},
+          f"same GPU UUIDs ({len(smi)} from nvidia-smi, {len(model.gpus)} from discovery)")
+    for gpu in model.gpus:
+        row = smi.get(gpu.uuid, {})
+        check(row.get("minor") == gpu.minor, f"GPU {gpu.index} minor {gpu.minor} == nvidia-smi {row.get('minor')}")
+        check(row.get("memory_mib") == gpu.memory_bytes // 2**20,
+              f"GPU {gpu.index} memory {gpu.memory_bytes // 2**20} MiB == nvidia-smi {row.get('memory_mib')} MiB")
+        check(row.get("bus_id") == gpu.pci_bus_id.upper(),
+              f"GPU {gpu.index} bus {gpu.pci_bus_id} == nvidia-smi {row.get('bus_id')}")
+        check(row.get("product") == gpu.name, f"GPU {gpu.index} name {gpu.name!r} == nvidia-smi {row.get('product')!r}")
+    topo = smi_numa()
+    print(f"\nNUMA (nvidia-smi topo -m affinity: {topo or 'no column'}):")
+    for gpu in model.gpus:
+        path = numa_node_path("/", gpu.pci_bus_id)
+        try:
+            raw = pathlib.Path(path).read_text().strip()
+        except OSError as exc:
+            raw = f"unreadable ({exc.strerror})"
+        expected = int(raw) if raw.lstrip("-").isdigit() and int(raw) >= 0 else None
+        check(gpu.numa_node == expected, f"GPU {gpu.index} NUMA {gpu.numa_node} == {path} ({raw})")
+        if gpu.index in topo:
+            check(topo[gpu.index] == gpu.numa_node,
+                  f"GPU {gpu.index} NUMA {gpu.numa_node} == nvidia-smi topo {topo[gpu.index]}")
+
+    print(f"\nhealth task: NvmlNode over real NVML for {args.seconds:g} s, then cancelled")
+    report = trio.run(run_node, args.seconds)
+    print(f"  started (init + discovery + first publish) in {report['start_s'] * 1000:.1f} ms")
+    print(f"  device lists published: {len(report['published'])}; last: {report['published'][-1]}")
+    check(report["sessions"] == 1, f"one NVML session, no failure (sessions {report['sessions']})")
+    check(not report["unhealthy"], f"no device unhealthy: {report['unhealthy'] or 'none'}")
+    check(report["stop_s"] < 1.0, f"stopped by cancellation in {report['stop_s'] * 1000:.1f} ms (< 1 s)")
+    nvml.nvmlInit()  # and NVML is still usable afterwards: the event set was freed cleanly
+    check(nvml.nvmlDeviceGetCount() == len(model.gpus), "NVML usable after the stop")
+    nvml.nvmlShutdown()
+
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"gpus": [g.__dict__ | {"nvlinks": dict(g.nvlinks), "mig_devices": [m.__dict__ for m in g.mig_devices]}
+                                for g in model.gpus],
+                       "health_reads": health_reads, "smi": smi, "node": report,
+                       "failures": failures}, file, indent=1, default=str)
+    print(f"\n{'all checks passed' if not failures else f'{len(failures)} check(s) failed'}")
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
