@@ -119,4 +119,5 @@ class NVML(Protocol):
 
 def load_pynvml() -> NVML:
     """The real NVML: the ``pynvml`` module (``nvmlInit`` loads ``libnvidia-ml.so.1``)."""
-    return pynvml  # type: ignore[return-value]
+    nvml: NVML = pynvml
+    return nvml
