@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from typing import Any
@@ -34,11 +35,13 @@ if str(ROOT) not in sys.path:
 import pynvml  # noqa: E402
 import trio  # noqa: E402
 
+from trio_gpu_plugin import DevicePlugin, Resource  # noqa: E402
 from trio_gpu_plugin._devices import DeviceInfo  # noqa: E402
 from trio_gpu_plugin._discovery import discover, numa_node_path  # noqa: E402
 from trio_gpu_plugin._health import HealthChecks  # noqa: E402
 from trio_gpu_plugin._nvml import load_pynvml  # noqa: E402
 from trio_gpu_plugin._nvml_source import NvmlNode, mig_slices, whole_gpus  # noqa: E402
+from trio_gpu_plugin.testing import FakeKubelet  # noqa: E402
 
 failures: list[str] = []
 
@@ -104,7 +107,9 @@ async def run_node(seconds: float) -> dict[str, Any]:
         assert model is not None
         select = mig_slices if any(g.mig_enabled for g in model.gpus) else whole_gpus
         await nursery.start(node.source(select).run, published.append)
+        cpu = time.process_time()
         await trio.sleep(seconds)
+        report["cpu_s"] = time.process_time() - cpu
         report["published"] = [[(d.id, d.healthy, d.numa_nodes) for d in devices]
                                for devices in published]
         report["unhealthy"] = node.tracker.unhealthy_units()
@@ -113,6 +118,29 @@ async def run_node(seconds: float) -> dict[str, Any]:
         nursery.cancel_scope.cancel()
     report["stop_s"] = time.perf_counter() - t1
     return report
+
+
+async def with_kubelet() -> dict[str, Any]:
+    """The plugin runtime over real NVML, registered with the test kit's fake kubelet."""
+    directory = tempfile.mkdtemp(prefix="tgp-real-", dir="/tmp")
+    try:
+        node = NvmlNode(load_pynvml(), root="/", checks=HealthChecks.from_env(os.environ))
+        kubelet = FakeKubelet(directory)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(kubelet.run)
+            await nursery.start(node.run)
+            plugin = DevicePlugin([Resource("nvidia.com/gpu", node.source(whole_gpus), "nvidia-gpu.sock")],
+                                  kubelet_socket=kubelet.kubelet_socket)
+            await nursery.start(plugin.run)
+            view = kubelet.resources["nvidia.com/gpu"]
+            admission = await kubelet.admit("nvidia.com/gpu", 1, pod="real", container="cuda")
+            found = {"healthy": sorted(view.healthy), "unhealthy": sorted(view.unhealthy),
+                     "topology": {k: list(v) for k, v in view.topology.items()},
+                     "allocate_envs": dict(admission.response.envs)}
+            nursery.cancel_scope.cancel()
+        return found
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def main() -> int:
@@ -189,10 +217,23 @@ def main() -> int:
     print(f"\nhealth task: NvmlNode over real NVML for {args.seconds:g} s, then cancelled")
     report = trio.run(run_node, args.seconds)
     print(f"  started (init + discovery + first publish) in {report['start_s'] * 1000:.1f} ms")
-    print(f"  device lists published: {len(report['published'])}; last: {report['published'][-1]}")
+    last = report["published"][-1]
+    print(f"  device lists published: {len(report['published'])}; last ({len(last)} devices): "
+          f"{last[:4]}{' ...' if len(last) > 4 else ''}")
+    print(f"  CPU used while watching: {report['cpu_s']:.3f} s over {args.seconds:g} s "
+          f"({report['cpu_s'] / args.seconds * 60:.3f} s per 60 s)")
     check(report["sessions"] == 1, f"one NVML session, no failure (sessions {report['sessions']})")
     check(not report["unhealthy"], f"no device unhealthy: {report['unhealthy'] or 'none'}")
     check(report["stop_s"] < 1.0, f"stopped by cancellation in {report['stop_s'] * 1000:.1f} ms (< 1 s)")
+    print("\nplugin runtime over real NVML, registered with the fake kubelet:")
+    seen = trio.run(with_kubelet)
+    print(f"  {seen}")
+    check(seen["healthy"] == sorted(g.uuid for g in model.gpus) and not seen["unhealthy"],
+          "the kubelet sees every GPU Healthy")
+    check(all(seen["topology"].get(g.uuid, []) == ([] if g.numa_node is None else [g.numa_node])
+              for g in model.gpus), "with its NUMA node")
+    check(seen["allocate_envs"].get("NVIDIA_VISIBLE_DEVICES", "") in {g.uuid for g in model.gpus},
+          f"Allocate answers NVIDIA_VISIBLE_DEVICES={seen['allocate_envs'].get('NVIDIA_VISIBLE_DEVICES')}")
     nvml.nvmlInit()  # and NVML is still usable afterwards: the event set was freed cleanly
     check(nvml.nvmlDeviceGetCount() == len(model.gpus), "NVML usable after the stop")
     nvml.nvmlShutdown()
