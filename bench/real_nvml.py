@@ -93,10 +93,10 @@ def smi_numa() -> dict[int, int | None]:
     return numa
 
 
-async def run_node(seconds: float) -> dict[str, Any]:
+async def run_node(seconds: float, probe_interval: float, wait_ms: int) -> dict[str, Any]:
     nvml = load_pynvml()
     node = NvmlNode(nvml, root="/", checks=HealthChecks.from_env(os.environ),
-                    probe_interval=1.0)
+                    probe_interval=probe_interval, wait_timeout_ms=wait_ms)
     published: list[list[DeviceInfo]] = []
     report: dict[str, Any] = {}
     async with trio.open_nursery() as nursery:
@@ -146,6 +146,9 @@ async def with_kubelet() -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--probe-interval", type=float, default=5.0,
+                        help="the node's probe period (the plugin's default: 5 s)")
+    parser.add_argument("--wait-ms", type=int, default=250, help="event wait timeout")
     parser.add_argument("--json", help="also write the findings here")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, trio {trio.__version__}, nvidia-ml-py "
@@ -210,12 +213,18 @@ def main() -> int:
             raw = f"unreadable ({exc.strerror})"
         expected = int(raw) if raw.lstrip("-").isdigit() and int(raw) >= 0 else None
         check(gpu.numa_node == expected, f"GPU {gpu.index} NUMA {gpu.numa_node} == {path} ({raw})")
-        if gpu.index in topo:
+        if gpu.index in topo and expected is not None:
             check(topo[gpu.index] == gpu.numa_node,
                   f"GPU {gpu.index} NUMA {gpu.numa_node} == nvidia-smi topo {topo[gpu.index]}")
+        elif gpu.index in topo:
+            # sysfs says -1 (no NUMA information, typical of a VM): NVIDIA's plugin then
+            # reports no topology, and so do we; nvidia-smi prints its own guess.
+            print(f"  [info] GPU {gpu.index}: sysfs has no NUMA node, so no topology is "
+                  f"reported (as NVIDIA's plugin); nvidia-smi topo shows {topo[gpu.index]}")
 
-    print(f"\nhealth task: NvmlNode over real NVML for {args.seconds:g} s, then cancelled")
-    report = trio.run(run_node, args.seconds)
+    print(f"\nhealth task: NvmlNode over real NVML for {args.seconds:g} s (event waits of "
+          f"{args.wait_ms} ms, probes every {args.probe_interval:g} s), then cancelled")
+    report = trio.run(run_node, args.seconds, args.probe_interval, args.wait_ms)
     print(f"  started (init + discovery + first publish) in {report['start_s'] * 1000:.1f} ms")
     last = report["published"][-1]
     print(f"  device lists published: {len(report['published'])}; last ({len(last)} devices): "
@@ -224,7 +233,7 @@ def main() -> int:
           f"({report['cpu_s'] / args.seconds * 60:.3f} s per 60 s)")
     check(report["sessions"] == 1, f"one NVML session, no failure (sessions {report['sessions']})")
     check(not report["unhealthy"], f"no device unhealthy: {report['unhealthy'] or 'none'}")
-    check(report["stop_s"] < 1.0, f"stopped by cancellation in {report['stop_s'] * 1000:.1f} ms (< 1 s)")
+    check(report["stop_s"] < max(1.0, 2 * args.wait_ms / 1000), f"stopped by cancellation in {report['stop_s'] * 1000:.1f} ms (< 1 s)")
     print("\nplugin runtime over real NVML, registered with the fake kubelet:")
     seen = trio.run(with_kubelet)
     print(f"  {seen}")

@@ -4,8 +4,9 @@
 sessions*: ``nvmlInit``, discovery (one immutable :class:`NodeModel`), then two tasks in
 one nursery until NVML fails:
 
-* the event task: one event set for every GPU, waited on in a worker thread with a short
-  timeout (so cancelling takes at most that long, and the set is freed only once the
+* the event task: one event set for every GPU, waited on by one worker thread in short
+  timed waits; events are handed to trio as they come, so an idle node costs nothing in
+  the event loop, and cancelling takes at most one wait (the set is freed only once the
   waiting thread has returned);
 * the probe task: every ``probe_interval`` seconds, asks NVML about each device; a GPU
   NVML can no longer reach goes Unhealthy, and an Unhealthy one comes back once NVML
@@ -28,6 +29,7 @@ import dataclasses
 import logging
 import os
 import random
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, NoReturn
 
@@ -436,6 +438,16 @@ class NvmlNode:
         return _Event(uuid, int(data.eventType), int(data.eventData),
                       int(data.gpuInstanceId), int(data.computeInstanceId), error)
 
+    def _watch(self, event_set: Any, stop: threading.Event,
+               deliver: Callable[[_Event], None]) -> None:
+        """The waiting thread: short waits until ``stop`` is set, each event handed to
+        trio as it arrives.  Idle, it costs a timed wait inside NVML and nothing in the
+        event loop (a trio round trip per timeout would cost ~1 ms of CPU each)."""
+        while not stop.is_set():
+            event = self._wait(event_set)
+            if event is not None:
+                trio.from_thread.run_sync(deliver, event)
+
     async def _event_task(self, model: NodeModel, *,
                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         limiter = self.limiter
@@ -452,15 +464,30 @@ class NvmlNode:
             if changed:
                 self._notify()
             task_status.started()
-            while True:
-                # Not abandon_on_cancel: the thread must be back before the set is freed;
-                # the short timeout keeps cancellation prompt instead.
+
+            def deliver(event: _Event) -> None:
+                if self._on_event(model, event):
+                    self._notify()
+
+            stop = threading.Event()
+
+            async def stop_on_cancel() -> None:
                 try:
-                    event = await trio.to_thread.run_sync(self._wait, event_set, limiter=limiter)
+                    await trio.sleep_forever()
+                finally:
+                    stop.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stop_on_cancel)
+                # Not abandon_on_cancel: the thread must be back before the set is freed.
+                # Cancelling sets ``stop``; the thread sees it after its current wait, so
+                # the short timeout bounds how long cancellation takes.
+                try:
+                    await trio.to_thread.run_sync(self._watch, event_set, stop, deliver,
+                                                  limiter=limiter)
                 except NVMLError as exc:
                     raise _NvmlGone(f"event wait failed: {exc}") from exc
-                if event is not None and self._on_event(model, event):
-                    self._notify()
+                nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 try:
