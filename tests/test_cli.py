@@ -209,6 +209,19 @@ def test_readme_library_example_runs() -> None:
     assert "registered: 2 devices, 1 healthy" in result.stdout
 
 
+def test_readme_nvml_example_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    (example,) = re.findall(r"<!-- example: nvml -->\n```python\n(.*?)\n```", readme, flags=re.S)
+    result = subprocess.run([sys.executable, "-c", example], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "Tesla V100-SXM2-16GB NUMA 1 NVLinks [1, 1, 2, 2]",
+        "XID 79: 7 of 8 allocatable",
+        "recovered: 8 of 8 allocatable",
+    ]
+
+
 GRPC_KUBELET = textwrap.dedent("""
     import json, sys, threading
     from concurrent import futures

@@ -461,3 +461,24 @@ def test_backoff_is_capped() -> None:
 
     assert max(_backoff(n) for n in range(100)) <= RETRY_CAP
     assert not math.isnan(_backoff(10_000))
+
+
+async def test_the_test_kit_nvml_node_fixture_serves_and_recovers(nvml_node: NvmlNode,
+                                                                  nursery: trio.Nursery) -> None:
+    recorder = Recorder()
+    await nursery.start(nvml_node.source().run, recorder)
+    nvml = nvml_node.nvml
+    assert isinstance(nvml, SimulatedNVML)
+    uuid = nvml_node.model.gpus[3].uuid  # type: ignore[union-attr]
+    nvml.xid(3, 79)
+    await recorder.wait_until(lambda: recorder.unhealthy == {uuid})
+    await recorder.wait_until(lambda: recorder.unhealthy == set())  # 0.2 s window
+
+
+def test_the_nvml_interface_names_only_real_pynvml_functions() -> None:
+    from trio_gpu_plugin._nvml import NVML
+
+    names = [n for n in vars(NVML) if n.startswith("nvml")]
+    assert len(names) >= 35
+    missing = [n for n in names if not callable(getattr(pynvml, n, None))]
+    assert missing == []

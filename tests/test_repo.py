@@ -133,3 +133,22 @@ def test_mypy_strict_is_clean() -> None:
     mypy = pytest.importorskip("mypy.api")
     stdout, stderr, status = mypy.run(["--config-file", str(ROOT / "setup.cfg"), str(PACKAGE)])
     assert status == 0, stdout + stderr
+
+
+def test_a_plugin_serving_real_gpus_loads_no_simulator_and_no_yaml() -> None:
+    code = ("import sys, trio_gpu_plugin, trio_gpu_plugin._cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[-1] in "
+            "('_nvml_sim', '_control', 'yaml')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
+    import trio_gpu_plugin
+
+    assert trio_gpu_plugin.SimulatedNVML.__name__ == "SimulatedNVML"  # loaded on first use
+
+
+def test_the_cli_spells_presets_and_control_ops_as_the_simulator_does() -> None:
+    from trio_gpu_plugin import _cli, _control, _nvml_sim
+
+    assert list(_cli.PRESET_NAMES) == list(_nvml_sim.PRESETS)
+    assert list(_cli.CONTROL_OPS) == list(_control.CONTROL_OPS)

@@ -15,11 +15,20 @@ General layout (data flows down this list):
 * ``_watch``: inotify (ctypes) on kubelet.sock and our sockets, polling as a fallback.
 * ``_runtime``: :class:`DevicePlugin`, registration epochs that end and start again
   whenever the kubelet restarts.
-* ``_simulated``: a simulated GPU node; ``testing``: the test kit (fake kubelet, fixtures).
+* ``_nvml``: the one narrow NVML interface (pynvml's names); ``_node_model``: the
+  immutable device model; ``_discovery``: NVML -> model; ``_health``: the sans-IO health
+  policy (NVIDIA's XID filter, event -> devices, recovery); ``_nvml_source``:
+  :class:`NvmlNode` (event task, probes, NVML sessions) and its device sources.
+* ``_nvml_sim``: a simulated NVML (presets, node files, fault injection);
+  ``_control``: its fault-injection socket; ``_simulated``: a generic simulated device
+  source; ``testing``: the test kit (fake kubelet, fixtures).
 * ``_cli`` and ``_demo``: the ``trio-gpu-plugin`` command, a thin layer over the above.
 
 Everything listed in ``__all__`` is public; modules with a leading underscore are not.
 """
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._devices import (
     DeviceInfo as DeviceInfo,
@@ -30,6 +39,19 @@ from ._devices import (
     first_fit as first_fit,
 )
 from ._grpc import RpcError as RpcError, Status as Status, StatusCode as StatusCode
+from ._health import HealthChecks as HealthChecks
+from ._node_model import GpuInfo as GpuInfo, MigInfo as MigInfo, NodeModel as NodeModel
+from ._nvml import NVML as NVML, load_pynvml as load_pynvml
+from ._nvml_source import (
+    DeviceSelector as DeviceSelector,
+    LogicalDevice as LogicalDevice,
+    NvmlDeviceSource as NvmlDeviceSource,
+    NvmlInitError as NvmlInitError,
+    NvmlNode as NvmlNode,
+    mig_slices as mig_slices,
+    whole_gpus as whole_gpus,
+    with_replicas as with_replicas,
+)
 from ._runtime import DevicePlugin as DevicePlugin
 from ._simulated import SimulatedDeviceSource as SimulatedDeviceSource
 from ._transport import (
@@ -42,17 +64,59 @@ from ._transport import (
 )
 from ._version import __version__ as __version__
 
+if TYPE_CHECKING:
+    from ._control import send_control as send_control, serve_control as serve_control
+    from ._nvml_sim import (
+        SimGpuSpec as SimGpuSpec,
+        SimNodeSpec as SimNodeSpec,
+        SimulatedNVML as SimulatedNVML,
+        load_node_file as load_node_file,
+    )
+
+# The simulator and its control socket are loaded on first use: a plugin serving real
+# GPUs never needs them, and each module loaded is memory on every node.
+_LAZY = {
+    "SimGpuSpec": "_nvml_sim", "SimNodeSpec": "_nvml_sim", "SimulatedNVML": "_nvml_sim",
+    "load_node_file": "_nvml_sim", "send_control": "_control", "serve_control": "_control",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "DEFAULT_CALL_TIMEOUT",
+    "NVML",
     "Channel",
     "DeviceInfo",
     "DevicePlugin",
+    "DeviceSelector",
     "DeviceSource",
+    "GpuInfo",
+    "HealthChecks",
+    "LogicalDevice",
+    "MigInfo",
+    "NodeModel",
+    "NvmlDeviceSource",
+    "NvmlInitError",
+    "NvmlNode",
     "PreferredAllocationPolicy",
     "Publish",
     "Resource",
+    "SimGpuSpec",
+    "SimNodeSpec",
     "SimulatedDeviceSource",
+    "SimulatedNVML",
     "first_fit",
+    "load_node_file",
+    "load_pynvml",
+    "mig_slices",
+    "send_control",
+    "serve_control",
+    "whole_gpus",
+    "with_replicas",
     "ResponseStream",
     "RpcError",
     "Service",

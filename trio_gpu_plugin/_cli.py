@@ -19,24 +19,29 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from . import __version__
-from ._control import CONTROL_OPS, request_from_args, send_control_sync, serve_control
 from ._devices import Resource
 from ._nvml import NVML, load_pynvml
-from ._nvml_sim import PRESETS, SimulatedNVML, node_from
 from ._nvml_source import PROBE_INTERVAL, RECOVERY_WINDOW, NvmlInitError, NvmlNode, whole_gpus
 from ._runtime import DevicePlugin
 from .proto import v1beta1
+
+if TYPE_CHECKING:
+    from ._control import FaultTarget
 
 log = logging.getLogger("trio_gpu_plugin.cli")
 
 #: NVIDIA's name for the socket of its full-GPU resource.
 DEFAULT_SOCKET_NAME = "nvidia-gpu.sock"
 DEFAULT_RESOURCE = "nvidia.com/gpu"
+# Spelled out rather than imported: the simulator (and its control socket) load only
+# when --simulate asks for them.  tests/test_cli.py keeps these equal to the real ones.
+PRESET_NAMES = ("dgx-a100", "dgx-1", "pcie-4", "a100-mig", "dgx-h100", "single-t4")
+CONTROL_OPS = ("xid", "ecc-dbe", "lost", "recover", "pending", "nvml-down", "nvml-up", "list")
 
 
 def parse_bool(value: str) -> bool:
@@ -113,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--simulate", metavar="PRESET|FILE", default=os.environ.get("SIMULATE") or None,
         help="serve a simulated node through a simulated NVML instead of the real one: a "
-             f"preset ({', '.join(PRESETS)}) or a YAML/JSON node file (env SIMULATE)")
+             f"preset ({', '.join(PRESET_NAMES)}) or a YAML/JSON node file (env SIMULATE)")
     parser.add_argument(
         "--simulate-control", metavar="PATH", default=os.environ.get("SIMULATE_CONTROL") or None,
         help="with --simulate: serve a fault-injection socket here (see 'inject') "
@@ -125,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
         "demo", help="run a fake kubelet and a simulated 8-GPU node, and narrate what happens")
-    demo.add_argument("--preset", default="dgx-a100", choices=sorted(PRESETS))
+    demo.add_argument("--preset", default="dgx-a100", choices=PRESET_NAMES)
     inject = sub.add_parser(
         "inject", help="inject a fault into a running plugin's simulated node",
         description="Send one request to a --simulate-control socket and print the answer; "
@@ -150,7 +155,7 @@ def resources_for(node: NvmlNode) -> list[Resource]:
     return [Resource(DEFAULT_RESOURCE, node.source(whole_gpus), DEFAULT_SOCKET_NAME)]
 
 
-async def serve(args: argparse.Namespace, node: NvmlNode, simulated: SimulatedNVML | None = None,
+async def serve(args: argparse.Namespace, node: NvmlNode, simulated: FaultTarget | None = None,
                 load: Callable[[NvmlNode], list[Resource]] = resources_for) -> int:
     """Serve until SIGTERM or SIGINT (exit 0); SIGHUP registers every resource again.
 
@@ -164,6 +169,8 @@ async def serve(args: argparse.Namespace, node: NvmlNode, simulated: SimulatedNV
             async def run_plugin() -> None:
                 await nursery.start(node.run)
                 if simulated is not None and args.simulate_control:
+                    from ._control import serve_control
+
                     await nursery.start(serve_control, simulated, args.simulate_control)
                     log.info("fault injection: %s (trio-gpu-plugin inject --control %s ...)",
                              args.simulate_control, args.simulate_control)
@@ -188,6 +195,8 @@ async def serve(args: argparse.Namespace, node: NvmlNode, simulated: SimulatedNV
 
 def inject(args: argparse.Namespace) -> int:
     """``trio-gpu-plugin inject``: one request, its answer on stdout."""
+    from ._control import request_from_args, send_control_sync
+
     gpu_needed = args.op in ("xid", "ecc-dbe", "lost", "recover", "pending")
     if gpu_needed and args.gpu is None:
         print(f"trio-gpu-plugin inject: error: op {args.op} needs --gpu", file=sys.stderr)
@@ -227,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = "/"
     nvml: NVML
     if args.simulate:
+        from ._nvml_sim import SimulatedNVML, node_from
+
         try:
             simulated = SimulatedNVML(node_from(args.simulate))
         except ValueError as exc:

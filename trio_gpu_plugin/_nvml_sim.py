@@ -35,7 +35,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Final, NoReturn
 
 import pynvml
-import yaml
 
 from ._nvml import EVENT_DOUBLE_BIT_ECC, EVENT_XID, NO_INSTANCE, text
 
@@ -838,6 +837,8 @@ def _parse_document(path: pathlib.Path, source: str) -> object:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno} "
                              f"column {exc.colno}") from None
+    import yaml  # only for node files: the plugin's own footprint stays without it
+
     try:
         return yaml.safe_load(source)
     except yaml.YAMLError as yaml_error:

@@ -3,12 +3,16 @@
 Any project that installs trio-gpu-plugin gets them (async fixtures need pytest-trio):
 
 * ``simulated_node``: a :class:`SimulatedDeviceSource` with the ``dgx-a100`` preset;
+* ``nvml_node``: a running :class:`~trio_gpu_plugin.NvmlNode` over a simulated
+  ``dgx-a100`` NVML (the production discovery and health code); break its GPUs through
+  ``nvml_node.nvml`` (``.xid(3, 79)``, ``.lose(2)``, ``.recover(2)`` ...);
 * ``fake_kubelet``: a running :class:`FakeKubelet` in a fresh, short socket directory
   (AF_UNIX paths are limited to 107 bytes, so not under pytest's tmp_path).
 """
 
 from __future__ import annotations
 
+import pathlib
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -16,6 +20,9 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
+from .._health import HealthChecks
+from .._nvml_sim import PRESETS as NVML_PRESETS, SimulatedNVML
+from .._nvml_source import NvmlNode
 from .._simulated import SimulatedDeviceSource
 from ._fake_kubelet import FakeKubelet
 
@@ -36,3 +43,16 @@ async def fake_kubelet(nursery: trio.Nursery) -> AsyncIterator[FakeKubelet]:
         yield kubelet
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+async def nvml_node(nursery: trio.Nursery, tmp_path: pathlib.Path) -> NvmlNode:
+    """A running NVML node over a simulated ``dgx-a100``; health checks as NVIDIA's
+    defaults, a 0.2 s recovery window and probes every 50 ms so tests run fast."""
+    nvml = SimulatedNVML(NVML_PRESETS["dgx-a100"])
+    root = tmp_path / "driver-root"
+    nvml.write_driver_root(root)
+    node = NvmlNode(nvml, root=root, checks=HealthChecks(), recovery_window=0.2,
+                    probe_interval=0.05)
+    await nursery.start(node.run)
+    return node
