@@ -384,6 +384,7 @@ async def test_nvml_dying_mid_run_marks_everything_then_recovers(
     uuids = {g.uuid for g in node.model.gpus}  # type: ignore[union-attr]
     nvml.nvml_down()
     await devices.wait_until(lambda: devices.unhealthy == uuids)
+    assert "is unhealthy: NVML failed: event wait failed: Unknown Error" in caplog.text
     await trio.sleep(1.5)
     failures = [r for r in caplog.records if r.levelno >= logging.WARNING and "NVML" in r.getMessage()]
     assert len(failures) <= 8, [r.getMessage() for r in failures]
@@ -482,3 +483,30 @@ def test_the_nvml_interface_names_only_real_pynvml_functions() -> None:
     assert len(names) >= 35
     missing = [n for n in names if not callable(getattr(pynvml, n, None))]
     assert missing == []
+
+
+async def test_nvml_that_flaps_backs_off_instead_of_flooding(
+        nursery: trio.Nursery, root: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    nvml = simulated("pcie-4", root)
+    node = NvmlNode(nvml, root=root, checks=HealthChecks(), retry_initial=0.02, retry_cap=0.32)
+    await nursery.start(node.run)
+
+    async def flap() -> None:
+        while True:  # NVML starts, then fails at once, again and again
+            with trio.fail_after(HANG_GUARD):
+                while not nvml.waiting:
+                    await trio.sleep(0.001)
+            nvml.nvml_down()
+            with trio.fail_after(HANG_GUARD):
+                while nvml.waiting:  # the waiting thread has seen NVML fail
+                    await trio.sleep(0.001)
+            nvml.nvml_up()
+
+    nursery.start_soon(flap)
+    await trio.sleep(2.0)
+    sessions = node.sessions
+    # Delays 0.02, 0.04, ... doubling to 0.32 s (jittered by half at most): at most
+    # ~log2(16) + 2 / 0.16 sessions in 2 s, where a reset back-off would allow ~100.
+    assert 3 <= sessions <= 20, sessions
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) <= 3 * sessions + 8

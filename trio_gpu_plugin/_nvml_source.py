@@ -328,13 +328,17 @@ class NvmlNode:
                     self._notify()
                 await trio.sleep(delay)
                 continue
-            attempt = 0
             self._install(result)
+            began = trio.current_time()
             try:
                 failure = await self._session(result.model, ready)
             finally:
                 with trio.CancelScope(shield=True):
                     await self._shutdown()
+            if trio.current_time() - began > self.retry_cap:
+                # A session that lasted starts the back-off over; one that failed at once
+                # (NVML flapping) keeps doubling it, so flapping cannot flood the log.
+                attempt = 0
             log.warning("NVML failed: %s; all devices marked Unhealthy until it answers again",
                         failure)
             if self._mark(self._all_units(), f"NVML failed: {failure}"):
@@ -400,7 +404,10 @@ class NvmlNode:
                     nursery.start_soon(trio.sleep_forever)
                 ready()
         except* _NvmlGone as group:
-            failure = str(group.exceptions[0])
+            first: BaseException = group
+            while isinstance(first, BaseExceptionGroup):  # nested nurseries nest groups
+                first = first.exceptions[0]
+            failure = str(first)
         return failure
 
     # --- events ---------------------------------------------------------------------------
