@@ -24,7 +24,6 @@ import os
 import pathlib
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _stats import line  # noqa: E402
 from trio_gpu_plugin import DevicePlugin, Resource  # noqa: E402
 from trio_gpu_plugin._control import send_control, serve_control  # noqa: E402
 from trio_gpu_plugin._health import HealthChecks  # noqa: E402
@@ -43,16 +43,6 @@ from trio_gpu_plugin._nvml_source import NvmlNode  # noqa: E402
 from trio_gpu_plugin.testing import FakeKubelet  # noqa: E402
 
 GPU = "nvidia.com/gpu"
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
-def line(name: str, values_ms: list[float], target: str) -> None:
-    print(f"{name:<32} n={len(values_ms):<4} p50 {statistics.median(values_ms):7.2f} ms  "
-          f"p99 {percentile(values_ms, 99):7.2f} ms  max {max(values_ms):7.2f} ms   {target}")
 
 
 async def latency(injections: int) -> None:
@@ -89,7 +79,7 @@ async def latency(injections: int) -> None:
                         nvml.xid(gpu.index, 79)
                     await kubelet.wait_until(lambda: gpu.uuid in kubelet.resources[GPU].unhealthy)
                     samples.append((time.perf_counter() - started) * 1000)
-                line(name, samples, "[p50 < 10 ms]")
+                line(name, samples, "[p50 < 10 ms]", width=32)
             nursery.cancel_scope.cancel()
     finally:
         shutil.rmtree(directory, ignore_errors=True)

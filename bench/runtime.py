@@ -39,20 +39,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _stats import line  # noqa: E402
 from trio_gpu_plugin import DevicePlugin, Resource  # noqa: E402
 from trio_gpu_plugin.testing import FakeKubelet, SimulatedDeviceSource  # noqa: E402
 
 GPU = "nvidia.com/gpu"
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
-def line(name: str, values_ms: list[float], target: str) -> None:
-    print(f"{name:<28} n={len(values_ms):<4} p50 {statistics.median(values_ms):7.2f} ms  "
-          f"p99 {percentile(values_ms, 99):7.2f} ms  max {max(values_ms):7.2f} ms   {target}")
 
 
 async def in_process(restarts: int, health_changes: int) -> None:
