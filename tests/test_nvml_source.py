@@ -300,6 +300,17 @@ async def test_a_lost_gpu_goes_unhealthy_and_back_after_it_is_reset(
     await devices.wait_until(lambda: devices.unhealthy == set())
 
 
+async def test_gpu_unavailable_events_count_and_single_bit_ecc_does_not(
+        nursery: trio.Nursery, root: pathlib.Path) -> None:
+    nvml = simulated("pcie-4", root)
+    node, devices = await start(nursery, nvml, root)
+    uuids = [g.uuid for g in node.model.gpus]  # type: ignore[union-attr]
+    nvml.event(0, 0x1)  # single-bit ECC: corrected, nothing to act on
+    nvml.event(1, 0x4000)  # GPU unavailable
+    await devices.wait_until(lambda: devices.unhealthy == {uuids[1]})
+    assert node.tracker.reason(uuids[1]) == "GPU unavailable"
+
+
 async def test_a_lost_gpu_is_found_by_probes_when_xid_checks_are_off(
         nursery: trio.Nursery, root: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
     nvml = simulated("pcie-4", root)
