@@ -166,19 +166,42 @@ def test_a_bad_simulate_file_names_the_key(socket_dir: pathlib.Path) -> None:
     assert "gpus[0].numa_node" in result.stderr and "'zero'" in result.stderr
 
 
-@pytest.mark.parametrize(("args", "env", "expected"), [
-    ((), {"FAIL_ON_INIT_ERROR": "maybe"}, "environment variable FAIL_ON_INIT_ERROR: 'maybe' is not a boolean"),
-    (("--fail-on-init-error=maybe",), {}, "'maybe' is not a boolean"),
-    (("--health-recovery-window", "-1"), {}, "'-1' must be a finite number of seconds >= 0"),
-    (("--health-probe-interval", "0"), {}, "'0' must be more than 0 seconds"),
-    ((), {"HEALTH_PROBE_INTERVAL": "soon"}, "HEALTH_PROBE_INTERVAL: 'soon' is not a number"),
-    (("--simulate-control", "/tmp/x.sock"), {}, "--simulate-control needs --simulate"),
+@pytest.mark.parametrize(("args", "env", "code", "expected"), [
+    # A malformed command line is a usage error (2); a bad value from the environment or
+    # the config file stops start-up with 1, as NVIDIA's plugin.
+    ((), {"FAIL_ON_INIT_ERROR": "maybe"}, 1,
+     "environment variable FAIL_ON_INIT_ERROR: 'maybe' is not a boolean"),
+    (("--fail-on-init-error=maybe",), {}, 2, "argument --fail-on-init-error: 'maybe' is not a boolean"),
+    (("--health-recovery-window", "-1"), {}, 2, "'-1' must be a finite number of seconds >= 0"),
+    (("--health-probe-interval", "0"), {}, 2, "'0' must be more than 0 seconds"),
+    ((), {"HEALTH_PROBE_INTERVAL": "soon"}, 1, "HEALTH_PROBE_INTERVAL: 'soon' is not a number"),
+    ((), {"MIG_STRATEGY": "sideways"}, 1, "unknown MIG strategy: sideways"),
+    (("--device-discovery-strategy", "tegra"), {}, 1, "Tegra (integrated GPU) systems are not supported"),
+    (("--simulate-control", "/tmp/x.sock"), {}, 2, "--simulate-control needs --simulate"),
 ])
 def test_bad_flags_and_environment_stop_start_up_naming_them(
-        args: tuple[str, ...], env: dict[str, str], expected: str) -> None:
+        args: tuple[str, ...], env: dict[str, str], code: int, expected: str) -> None:
     result = run_cli(*args, env=env)
-    assert result.returncode == 2
+    assert result.returncode == code, result.stderr
     assert expected in result.stderr
+
+
+def test_a_bad_config_file_stops_start_up_naming_the_key(socket_dir: pathlib.Path) -> None:
+    config = socket_dir / "config.yaml"
+    config.write_text("version: v1\nsharing:\n  timeSlicing:\n    resources:\n"
+                      "    - name: nvidia.com/gpu\n      replicas: 1\n")
+    result = run_cli("--simulate", "pcie-4", "--config-file", str(config))
+    assert result.returncode == 1
+    assert "sharing.timeSlicing.resources[0].replicas" in result.stderr
+    assert "number of replicas must be >= 2" in result.stderr
+
+
+def test_a_config_that_does_not_fit_the_node_stops_start_up_with_nvidias_text(
+        socket_dir: pathlib.Path) -> None:
+    result = run_cli("--simulate", "a100-mig", "--mig-strategy", "single",
+                     "--kubelet-socket", str(socket_dir / "kubelet.sock"))
+    assert result.returncode == 1
+    assert "more than one MIG device type present on node" in result.stderr
 
 
 def test_demo_runs_with_no_gpu_and_no_kubelet() -> None:

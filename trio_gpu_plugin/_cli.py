@@ -18,115 +18,50 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from . import __version__
-from ._devices import Resource
+from ._allocate import cdi_warning, find_missing_cdi_devices, required_cdi_devices
+from ._config import (
+    Config,
+    ConfigError,
+    add_flags,
+    effective_config_json,
+    flag_value,
+    load_config_file,
+    parse_bool,
+    resolve_config,
+)
+from ._configured import NodeSetup, PlannedSource
 from ._nvml import NVML, load_pynvml
-from ._nvml_source import PROBE_INTERVAL, RECOVERY_WINDOW, NvmlInitError, NvmlNode, whole_gpus
+from ._nvml_source import NvmlInitError, NvmlNode
+from ._resources import PlanResult
 from ._runtime import DevicePlugin
-from .proto import v1beta1
+from ._watch import PathWatcher, identity
 
 if TYPE_CHECKING:
     from ._control import FaultTarget
 
 log = logging.getLogger("trio_gpu_plugin.cli")
 
-#: NVIDIA's name for the socket of its full-GPU resource.
-DEFAULT_SOCKET_NAME = "nvidia-gpu.sock"
-DEFAULT_RESOURCE = "nvidia.com/gpu"
 # Spelled out rather than imported: the simulator (and its control socket) load only
 # when --simulate asks for them.  tests/test_cli.py keeps these equal to the real ones.
 PRESET_NAMES = ("dgx-a100", "dgx-1", "pcie-4", "a100-mig", "dgx-h100", "single-t4")
 CONTROL_OPS = ("xid", "ecc-dbe", "lost", "recover", "pending", "nvml-down", "nvml-up", "list")
 
 
-def parse_bool(value: str) -> bool:
-    """A boolean the way NVIDIA's flags (Go's strconv.ParseBool) read one."""
-    if value in ("1", "t", "T", "TRUE", "true", "True"):
-        return True
-    if value in ("0", "f", "F", "FALSE", "false", "False"):
-        return False
-    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean (true or false)")
-
-
-def seconds(value: str) -> float:
-    """A non-negative number of seconds."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if not number >= 0 or number == float("inf"):
-        raise argparse.ArgumentTypeError(f"{value!r} must be a finite number of seconds >= 0")
-    return number
-
-
-def positive_seconds(value: str) -> float:
-    """A number of seconds > 0."""
-    number = seconds(value)
-    if number == 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be more than 0 seconds")
-    return number
-
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
-
-
-def _env_typed(parser: argparse.ArgumentParser, name: str, default: Any,
-               convert: Callable[[str], Any]) -> Any:
-    """An environment twin's value, converted; a bad value stops start-up naming it."""
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return convert(raw)
-    except argparse.ArgumentTypeError as exc:
-        parser.exit(2, f"trio-gpu-plugin: error: environment variable {name}: {exc}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-gpu-plugin",
         description="A Kubernetes device plugin for NVIDIA GPUs, on trio. Without a "
-                    "subcommand it serves this node's GPUs to the kubelet.",
-    )
+                    "subcommand it serves this node's GPUs to the kubelet. Flags, environment "
+                    "variables and the config file are NVIDIA's k8s-device-plugin's; a flag "
+                    "given here beats its environment twin, which beats the config file.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
-        "--kubelet-socket", default=_env("KUBELET_SOCKET", v1beta1.KUBELET_SOCKET),
-        help="the kubelet's registration socket; our sockets go in its directory "
-             "(env KUBELET_SOCKET; default %(default)s)")
-    parser.add_argument(
-        "--fail-on-init-error", metavar="BOOL", nargs="?", const=True, type=parse_bool,
-        default=_env_typed(parser, "FAIL_ON_INIT_ERROR", True, parse_bool),
-        help="exit 1 if NVML cannot start; false keeps retrying with back-off and registers "
-             "once it works (env FAIL_ON_INIT_ERROR; default true)")
-    parser.add_argument(
-        "--health-recovery-window", metavar="SECONDS", type=seconds,
-        default=_env_typed(parser, "HEALTH_RECOVERY_WINDOW", RECOVERY_WINDOW, seconds),
-        help="an Unhealthy GPU comes back once NVML answers for it, no critical event came "
-             "for this long and no page retirement or row remap is pending; 0 never "
-             f"recovers, as NVIDIA's plugin (env HEALTH_RECOVERY_WINDOW; default {RECOVERY_WINDOW:g})")
-    parser.add_argument(
-        "--health-probe-interval", metavar="SECONDS", type=positive_seconds,
-        default=_env_typed(parser, "HEALTH_PROBE_INTERVAL", PROBE_INTERVAL, positive_seconds),
-        help="how often every GPU is probed through NVML (lost GPUs, recovery) "
-             f"(env HEALTH_PROBE_INTERVAL; default {PROBE_INTERVAL:g})")
-    parser.add_argument(
-        "--simulate", metavar="PRESET|FILE", default=os.environ.get("SIMULATE") or None,
-        help="serve a simulated node through a simulated NVML instead of the real one: a "
-             f"preset ({', '.join(PRESET_NAMES)}) or a YAML/JSON node file (env SIMULATE)")
-    parser.add_argument(
-        "--simulate-control", metavar="PATH", default=os.environ.get("SIMULATE_CONTROL") or None,
-        help="with --simulate: serve a fault-injection socket here (see 'inject') "
-             "(env SIMULATE_CONTROL)")
-    parser.add_argument(
-        "--log-level", default=os.environ.get("LOG_LEVEL"),
-        choices=["debug", "info", "warning", "error"],
-        help="(env LOG_LEVEL; default info, and error for the demo, whose narration says it all)")
+    add_flags(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
         "demo", help="run a fake kubelet and a simulated 8-GPU node, and narrate what happens")
@@ -142,55 +77,173 @@ def build_parser() -> argparse.ArgumentParser:
     inject.add_argument("--xid", type=int, help="the XID number, for op xid")
     inject.add_argument("--gi", type=int, help="GPU instance ID, for op xid on a MIG GPU")
     inject.add_argument("--ci", type=int, help="compute instance ID, for op xid on a MIG GPU")
-    inject.add_argument("--retired-pages", metavar="BOOL", type=parse_bool,
+    inject.add_argument("--retired-pages", metavar="BOOL", type=parse_bool_arg,
                         help="for op pending: page retirement pending")
-    inject.add_argument("--row-remap", metavar="BOOL", type=parse_bool,
+    inject.add_argument("--row-remap", metavar="BOOL", type=parse_bool_arg,
                         help="for op pending: row remap pending")
     return parser
 
 
-def resources_for(node: NvmlNode) -> list[Resource]:
-    """The resources served over ``node`` (one, ``nvidia.com/gpu``, until the configuration
-    file arrives)."""
-    return [Resource(DEFAULT_RESOURCE, node.source(whole_gpus), DEFAULT_SOCKET_NAME)]
+def parse_bool_arg(value: str) -> bool:
+    """A boolean as Go's strconv.ParseBool reads one, for argparse."""
+    try:
+        return parse_bool(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-async def serve(args: argparse.Namespace, node: NvmlNode, simulated: FaultTarget | None = None,
-                load: Callable[[NvmlNode], list[Resource]] = resources_for) -> int:
-    """Serve until SIGTERM or SIGINT (exit 0); SIGHUP registers every resource again.
+class Settings:
+    """How to (re)build the configuration: the command line and environment are fixed
+    for the process's life; the config file is read again on every load."""
 
-    NVML and the health of every GPU outlive a SIGHUP: a GPU that went Unhealthy stays so
-    (NVIDIA's plugin forgets, #111).
+    def __init__(self, args: argparse.Namespace, env: Mapping[str, str]) -> None:
+        self.cli = {k: v for k, v in vars(args).items() if k not in ("command",)}
+        self.env = dict(env)
+        self.config_file: str | None = flag_value("--config-file", self.cli, self.env) or None
+
+    def load(self) -> tuple[Config, list[str]]:
+        """The effective configuration now; ``ConfigError`` says what is wrong."""
+        document = load_config_file(self.config_file) if self.config_file else None
+        source = f"config file {self.config_file}" if self.config_file else "config file"
+        config, warnings = resolve_config(self.cli, self.env, document, source=source)
+        if config.flags.device_discovery_strategy == "tegra":
+            raise ConfigError("--device-discovery-strategy tegra: Tegra (integrated GPU) "
+                              "systems are not supported by trio-gpu-plugin; use NVIDIA's "
+                              "plugin there, or auto/nvml on a discrete-GPU node")
+        return config, warnings
+
+
+def _log_config(config: Config, warnings: Sequence[str]) -> None:
+    for warning in warnings:
+        log.warning("%s", warning)
+    # One line, as NVIDIA's "Running with config" (its JSON key names).
+    log.info("Running with config: %s", effective_config_json(config))
+    for flag, value in (("--cdi-feature-flags", config.flags.cdi_feature_flags),
+                        ("--cdi-disable-hooks", config.flags.cdi_disable_hooks)):
+        if value:
+            log.warning("%s %s has no effect: this plugin does not write CDI specs (it uses "
+                        "those nvidia-ctk cdi generate writes)", flag, ",".join(value))
+
+
+def check_cdi(setup: NodeSetup, result: PlanResult) -> None:
+    """Warn, naming the directories searched, when CDI names we hand out resolve to no
+    spec on the node."""
+    if not any(s.startswith("cdi-") for s in setup.config.flags.plugin.device_list_strategy):
+        return
+    needed: dict[str, list[str]] = {}
+    for resource in result.resources:
+        for kind, names in required_cdi_devices(resource, setup.context).items():
+            needed.setdefault(kind, []).extend(n for n in names if n not in needed.get(kind, []))
+    for kind, names in needed.items():
+        searched, missing = find_missing_cdi_devices(setup.root, kind, names)
+        warning = cdi_warning(kind, missing, searched)
+        if warning:
+            log.warning("%s", warning)
+
+
+async def serve(settings: Settings, setup: NodeSetup, node: NvmlNode,
+                simulated: FaultTarget | None = None,
+                simulate_control: str | None = None) -> int:
+    """Serve until SIGTERM or SIGINT (exit 0).  SIGHUP or a change of the config file
+    reloads: the new configuration is validated and planned before anything is torn
+    down (a bad one is logged and the running one keeps serving); resources that go away
+    are first advertised with no devices, so the kubelet drops their capacity (NVIDIA
+    #240); then every resource registers again.  NVML and each GPU's health outlive a
+    reload (NVIDIA's plugin forgets health, #111).
     """
+    current = setup
+    result: PlanResult | None = None
+    generation: list[trio.CancelScope] = []
+    sources: dict[str, PlannedSource] = {}
+    reloading = trio.Lock()
+
+    async def reload(reason: str) -> None:
+        nonlocal current, result
+        async with reloading:
+            try:
+                config, warnings = settings.load()
+                new = NodeSetup.read(config, current.root)
+                planned = new.plan(await node.wait_model())
+            except (ConfigError, ValueError, OSError) as exc:
+                log.error("%s: keeping the running configuration: %s", reason, exc)
+                return
+            log.info("%s: configuration reloaded; serving and registering again", reason)
+            _log_config(config, warnings)
+            for warning in planned.warnings:
+                log.warning("%s", warning)
+            check_cdi(new, planned)
+            gone = [s for name, s in sources.items()
+                    if name not in {r.name for r in planned.resources}]
+            for source in gone:
+                log.info("%s: no longer configured; advertising no devices before it goes",
+                         source.name)
+                source.empty()
+                source.publish_now()
+            if gone:
+                # The kubelet reads the empty list from the open ListAndWatch stream at
+                # once; a moment for it to arrive before the socket goes away.
+                await trio.sleep(0.5)
+            current, result = new, planned
+            for scope in generation:
+                scope.cancel()
+
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            generation: list[trio.CancelScope] = []
 
             async def run_plugin() -> None:
+                nonlocal result
                 await nursery.start(node.run)
-                if simulated is not None and args.simulate_control:
+                if simulated is not None and simulate_control:
                     from ._control import serve_control
 
-                    await nursery.start(serve_control, simulated, args.simulate_control)
+                    await nursery.start(serve_control, simulated, simulate_control)
                     log.info("fault injection: %s (trio-gpu-plugin inject --control %s ...)",
-                             args.simulate_control, args.simulate_control)
+                             simulate_control, simulate_control)
+                if result is None:
+                    result = current.plan(await node.wait_model())  # ConfigError: exit 1
+                    for warning in result.warnings:
+                        log.warning("%s", warning)
+                    check_cdi(current, result)
+                if settings.config_file:
+                    nursery.start_soon(watch_config_file, settings.config_file, reload)
                 while True:
-                    plugin = DevicePlugin(load(node), kubelet_socket=args.kubelet_socket)
+                    resources = current.resources(node, result)
+                    sources.clear()
+                    sources.update({r.name: r.source for r in resources
+                                    if isinstance(r.source, PlannedSource)})
+                    if not resources:
+                        log.warning("no devices to advertise with this configuration; waiting "
+                                    "for a reload (SIGHUP or a config file change)")
+                    plugin = DevicePlugin(resources, kubelet_socket=current.config.flags.kubelet_socket) \
+                        if resources else None
                     with trio.CancelScope() as scope:
                         generation[:] = [scope]
-                        await plugin.run()
+                        if plugin is None:
+                            await trio.sleep_forever()
+                        else:
+                            await plugin.run()
 
             nursery.start_soon(run_plugin)
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    log.info("SIGHUP: serving and registering again")
-                    for scope in generation:
-                        scope.cancel()
+                    nursery.start_soon(reload, "SIGHUP")
                 else:
                     log.info("%s: stopping", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
                     break
     return 0
+
+
+async def watch_config_file(path: str, reload: Callable[[str], Awaitable[None]]) -> None:
+    """Reload whenever the config file changes: edited in place, replaced, or (a
+    Kubernetes ConfigMap) its symlinked target swapped."""
+    with PathWatcher(poll_interval=10.0) as watcher:
+        while True:
+            target = os.path.realpath(path)
+            baseline = {path: identity(path), target: identity(target)}
+            await watcher.wait_for_change(baseline)
+            await trio.sleep(0.1)  # let the writer finish; editors write in steps
+            await reload(f"config file {path} changed")
 
 
 def inject(args: argparse.Namespace) -> int:
@@ -218,7 +271,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script and of ``python -m trio_gpu_plugin``."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = args.log_level or ("error" if args.command == "demo" else "info")
+    try:
+        level = flag_value("--log-level", vars(args), os.environ)
+    except ConfigError as exc:
+        parser.exit(1, f"trio-gpu-plugin: error: {exc}\n")
+    level = level or ("error" if args.command == "demo" else "info")
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -229,34 +286,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trio.run(run_demo, args.preset)
     if args.command == "inject":
         return inject(args)
-    if args.simulate_control and not args.simulate:
+    try:
+        settings = Settings(args, os.environ)
+        config, warnings = settings.load()
+        simulate = flag_value("--simulate", vars(args), os.environ)
+        simulate_control = flag_value("--simulate-control", vars(args), os.environ)
+    except ConfigError as exc:
+        print(f"trio-gpu-plugin: error: {exc}", file=sys.stderr)
+        return 1
+    if simulate_control and not simulate:
         parser.exit(2, "trio-gpu-plugin: error: --simulate-control needs --simulate "
                        "(faults can only be injected into a simulated node)\n")
+    _log_config(config, warnings)
     simulated = None
     root = "/"
     nvml: NVML
-    if args.simulate:
+    if simulate:
         from ._nvml_sim import SimulatedNVML, node_from
 
         try:
-            simulated = SimulatedNVML(node_from(args.simulate))
+            simulated = SimulatedNVML(node_from(simulate))
         except ValueError as exc:
             parser.exit(2, f"trio-gpu-plugin: error: --simulate: {exc}\n")
         root = tempfile.mkdtemp(prefix="tgp-sim-root-")
         simulated.write_driver_root(root)
         nvml = simulated
     else:
-        nvml = load_pynvml()
-    node = NvmlNode(nvml, root=root, recovery_window=args.health_recovery_window,
-                    probe_interval=args.health_probe_interval,
-                    fail_on_init_error=args.fail_on_init_error)
+        nvml = load_pynvml(config.flags.plugin.container_driver_root)
+    node = NvmlNode(nvml, root=root, recovery_window=config.flags.health_recovery_window,
+                    probe_interval=config.flags.health_probe_interval,
+                    fail_on_init_error=config.flags.fail_on_init_error)
     try:
-        return trio.run(serve, args, node, simulated)
+        setup = NodeSetup.read(config, root)
+        return trio.run(serve, settings, setup, node, simulated, simulate_control)
+    except (ConfigError, ValueError) as exc:
+        print(f"trio-gpu-plugin: error: {exc}", file=sys.stderr)
+        return 1
     except BaseExceptionGroup as group:
-        failed, _ = group.split(NvmlInitError)
+        failed, _ = group.split((NvmlInitError, ConfigError))
         if failed is None:
             raise
-        print(f"trio-gpu-plugin: error: {failed.exceptions[0]}", file=sys.stderr)
+        first: BaseException = failed
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        print(f"trio-gpu-plugin: error: {first}", file=sys.stderr)
         return 1
     finally:
         if simulated is not None:

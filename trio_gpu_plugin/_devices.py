@@ -182,9 +182,12 @@ def check_allocatable(
         raise RpcError(StatusCode.INVALID_ARGUMENT, f"allocation request for {resource} names no device")
     unknown = [i for i in ids if i not in devices]
     if unknown:
+        # NVIDIA's wording (ValidateRequest), which names the first; we add the rest.
+        more = f" (and {', '.join(unknown[1:])})" if len(unknown) > 1 else ""
         raise RpcError(
             StatusCode.INVALID_ARGUMENT,
-            f"allocation request for {resource}: unknown device(s) {', '.join(unknown)}",
+            f'invalid allocation request for "{resource}": invalid request: unknown device: '
+            f"{unknown[0]}{more}",
         )
     unhealthy = [i for i in ids if not devices[i].healthy]
     if unhealthy:

@@ -12,6 +12,8 @@ Every function here blocks (NVML takes locks in the driver); callers run them in
 
 from __future__ import annotations
 
+import ctypes
+import os
 from typing import Any, Final, Protocol
 
 import pynvml
@@ -117,7 +119,37 @@ class NVML(Protocol):
     def nvmlDeviceGetRemappedRows(self, handle: Any) -> tuple[int, int, int, int]: ...
 
 
-def load_pynvml() -> NVML:
-    """The real NVML: the ``pynvml`` module (``nvmlInit`` loads ``libnvidia-ml.so.1``)."""
+#: Where NVIDIA's plugin looks for the library under a mounted driver root, in order.
+LIBRARY_DIRS: Final = ("usr/lib64", "usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu",
+                       "lib64", "lib/x86_64-linux-gnu", "lib/aarch64-linux-gnu")
+
+
+def find_library(driver_root: str) -> str | None:
+    """``libnvidia-ml.so.1`` under a mounted driver root (symlinks resolved), as NVIDIA's
+    plugin looks for it; ``None`` if the root is ``/`` or holds none (the dynamic
+    loader's search path applies then)."""
+    if not driver_root or os.path.abspath(driver_root) == "/":
+        return None
+    for directory in LIBRARY_DIRS:
+        candidate = os.path.join(driver_root, directory, "libnvidia-ml.so.1")
+        if os.path.exists(candidate):
+            return os.path.realpath(candidate)
+    return None
+
+
+def load_pynvml(driver_root: str = "/") -> NVML:
+    """The real NVML: the ``pynvml`` module.
+
+    ``nvmlInit`` loads ``libnvidia-ml.so.1`` through the dynamic loader; when the host's
+    driver root is mounted elsewhere (``--driver-root-ctr-path``, ``/driver-root`` in
+    NVIDIA's DaemonSet) and holds the library, that one is loaded instead.
+    """
+    library = find_library(driver_root)
+    if library is not None and getattr(pynvml, "nvmlLib", None) is None:
+        try:
+            # pynvml loads its library only when none is loaded yet: hand it this one.
+            pynvml.nvmlLib = ctypes.CDLL(library)
+        except OSError:
+            pass  # nvmlInit then tries the loader's path and reports what it finds
     nvml: NVML = pynvml
     return nvml

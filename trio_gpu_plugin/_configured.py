@@ -1,0 +1,164 @@
+"""The configured plugin: resources planned from the node model and the configuration.
+
+Ties the sans-IO pieces to the runtime: :class:`NodeSetup` holds the configuration and
+the start-time facts read from the node (MIG capability minors, existing control device
+nodes, IMEX channels); :class:`PlannedSource` is the
+:class:`~trio_gpu_plugin.DeviceSource` of one planned resource over an
+:class:`~trio_gpu_plugin.NvmlNode`, re-planned whenever NVML rediscovers the node, with
+Allocate answered as NVIDIA's plugin answers it for the configured strategies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import trio
+
+from ._allocate import AllocateContext, container_response, existing_control_nodes, validate_request
+from ._config import Config
+from ._devices import DeviceInfo, Publish, Resource, first_fit
+from ._node_model import NodeModel
+from ._nvml_source import NvmlNode
+from ._plan_model import PlannedResource
+from ._resources import PlanResult, parse_mig_minors, plan
+from .proto import v1beta1
+
+__all__ = ["NodeSetup", "PlannedSource", "read_mig_minors"]
+
+log = logging.getLogger("trio_gpu_plugin.config")
+
+MIG_MINORS = "proc/driver/nvidia-caps/mig-minors"
+
+
+def read_mig_minors(root: str | os.PathLike[str]) -> dict[tuple[int, int, int | None], int] | None:
+    """``<root>/proc/driver/nvidia-caps/mig-minors`` parsed, or ``None`` if it is absent
+    (no MIG-capable driver)."""
+    path = os.path.join(os.fspath(root), MIG_MINORS)
+    try:
+        with open(path, encoding="ascii") as file:
+            text = file.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("cannot read %s: %s; MIG devices get no capability nodes", path, exc)
+        return None
+    try:
+        return parse_mig_minors(text)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeSetup:
+    """A configuration and what was read from the node for it.
+
+    Attributes:
+        config: the effective configuration.
+        root: where the plugin reads the node's files (``/`` in a container on a node;
+            a simulated node's fake root): ``proc/driver/nvidia-caps/mig-minors``,
+            ``dev/nvidia*``.
+        mig_minors: the MIG capability table, or ``None``.
+        context: what Allocate needs (control nodes that exist, IMEX channels).
+    """
+
+    config: Config
+    root: str
+    mig_minors: dict[tuple[int, int, int | None], int] | None
+    context: AllocateContext
+
+    @classmethod
+    def read(cls, config: Config, root: str | os.PathLike[str]) -> NodeSetup:
+        """Gather the node facts the configuration needs."""
+        root = os.fspath(root)
+        return cls(
+            config=config, root=root, mig_minors=read_mig_minors(root),
+            context=AllocateContext(config=config, control_nodes=existing_control_nodes(root),
+                                    imex_channels=config.imex.channel_ids))
+
+    def plan(self, model: NodeModel) -> PlanResult:
+        """The resources to serve on ``model`` (raises ``ConfigError`` with NVIDIA's texts)."""
+        return plan(model, self.config, self.mig_minors)
+
+    def resources(self, node: NvmlNode, result: PlanResult) -> list[Resource]:
+        """One :class:`Resource` per planned resource, sourced from ``node``."""
+        return [Resource(r.name, PlannedSource(node, self, r.name), r.socket_name,
+                         preferred_allocation=first_fit)
+                for r in result.resources]
+
+
+class PlannedSource:
+    """The device source of one planned resource: its devices' health from the node's
+    tracker; re-planned when NVML rediscovers the node (a GPU gone, a MIG change)."""
+
+    def __init__(self, node: NvmlNode, setup: NodeSetup, name: str) -> None:
+        self.node = node
+        self.setup = setup
+        self.name = name
+        self._model: NodeModel | None = None
+        self._resource = PlannedResource(name=name, socket_name="", devices=())
+        self._emptied = False
+        self._update: Callable[[], None] | None = None
+
+    def resource(self) -> PlannedResource:
+        """The planned resource for the current model (empty if it no longer plans)."""
+        model = self.node.model
+        if model is not None and model is not self._model:
+            self._model = model
+            try:
+                planned = {r.name: r for r in self.setup.plan(model).resources}
+            except ValueError as exc:
+                # The node changed under a configuration that fitted it at start (a MIG
+                # reconfiguration, say): serve nothing rather than something wrong.
+                log.error("%s: the node no longer fits the configuration: %s; advertising no "
+                          "devices until the configuration is reloaded", self.name, exc)
+                planned = {}
+            self._resource = planned.get(
+                self.name, PlannedResource(name=self.name, socket_name="", devices=()))
+        return self._resource
+
+    def empty(self) -> None:
+        """Advertise no devices from now on (the resource is going away)."""
+        self._emptied = True
+
+    def device_infos(self) -> list[DeviceInfo]:
+        """The device list as published now."""
+        if self._emptied:
+            return []
+        return [DeviceInfo(d.id, self.node.healthy(d.units), d.numa_nodes)
+                for d in self.resource().devices]
+
+    async def run(self, publish: Publish, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Publish the device list once the node is up, then every change."""
+        await self.node.wait_model()
+        last: list[DeviceInfo] | None = None
+
+        def update() -> None:
+            nonlocal last
+            now = self.device_infos()
+            if now != last:
+                last = now
+                publish(now)
+
+        update()
+        self._update = update
+        unsubscribe = self.node.subscribe(update)
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            unsubscribe()
+
+    def publish_now(self) -> None:
+        """Publish the current list at once (after :meth:`empty`)."""
+        if self._update is not None:
+            self._update()
+
+    def allocate(self, device_ids: Sequence[str]) -> v1beta1.ContainerAllocateResponse:
+        """What the container gets, per the configured strategies (NVIDIA's contents)."""
+        resource = self.resource()
+        validate_request(resource, device_ids)
+        return container_response(resource, device_ids, self.setup.context)
