@@ -160,3 +160,43 @@ async def test_a_reload_drops_capacity_of_resources_that_go_and_keeps_a_bad_file
     assert "keeping the running configuration" in text and "unknown MIG strategy: sideways" in text
     assert "nvidia.com/gpu.shared: no longer configured; advertising no devices" in text
     assert text.count("Running with config") >= 2
+
+
+def test_imex_channels_must_exist_when_required(tmp_path: pathlib.Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    from trio_gpu_plugin._config import ConfigError
+
+    config, _ = resolve_config({"imex_channel_ids": "0", "imex_required": "true"}, {}, None)
+    with pytest.raises(ConfigError, match="requested IMEX channel channel0 does not exist"):
+        NodeSetup.read(config, tmp_path)
+    config, _ = resolve_config({"imex_channel_ids": "0"}, {}, None)
+    assert NodeSetup.read(config, tmp_path).context.imex_channels == ()
+    assert "IMEX channel channel0 does not exist" in caplog.text
+    channel = tmp_path / "dev/nvidia-caps-imex-channels/channel0"
+    channel.parent.mkdir(parents=True)
+    channel.touch()
+    assert NodeSetup.read(config, tmp_path).context.imex_channels == (0,)
+
+
+async def test_cdi_names_without_a_spec_are_warned_about_at_start(
+        nursery: trio.Nursery, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    from trio_gpu_plugin._cli import check_cdi
+
+    nvml = SimulatedNVML(node_from("pcie-4"))
+    nvml.write_driver_root(tmp_path)
+    node = NvmlNode(nvml, root=tmp_path, checks=HealthChecks())
+    await nursery.start(node.run)
+    config, _ = resolve_config({"device_list_strategy": "cdi-cri",
+                                "driver_root_ctr_path": str(tmp_path / "none")}, {}, None)
+    setup = NodeSetup.read(config, tmp_path)
+    result = setup.plan(await node.wait_model())
+    check_cdi(setup, result)
+    assert "nvidia.com/gpu" in caplog.text and "var/run/cdi" in caplog.text
+    assert "nvidia-ctk cdi generate" in caplog.text
+    caplog.clear()
+    spec = tmp_path / "var/run/cdi/nvidia.yaml"
+    spec.parent.mkdir(parents=True)
+    names = "".join(f"  - name: {g.uuid}\n" for g in node.model.gpus)  # type: ignore[union-attr]
+    spec.write_text(f"cdiVersion: 0.5.0\nkind: nvidia.com/gpu\ndevices:\n{names}")
+    check_cdi(setup, result)
+    assert caplog.text == ""

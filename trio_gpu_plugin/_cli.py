@@ -118,8 +118,10 @@ def _log_config(config: Config, warnings: Sequence[str]) -> None:
         log.warning("%s", warning)
     # One line, as NVIDIA's "Running with config" (its JSON key names).
     log.info("Running with config: %s", effective_config_json(config))
+    hook = config.flags.plugin.nvidia_cdi_hook_path
     for flag, value in (("--cdi-feature-flags", config.flags.cdi_feature_flags),
-                        ("--cdi-disable-hooks", config.flags.cdi_disable_hooks)):
+                        ("--cdi-disable-hooks", config.flags.cdi_disable_hooks),
+                        ("--nvidia-cdi-hook-path", () if hook == "/usr/bin/nvidia-ctk" else (hook,))):
         if value:
             log.warning("%s %s has no effect: this plugin does not write CDI specs (it uses "
                         "those nvidia-ctk cdi generate writes)", flag, ",".join(value))
@@ -135,7 +137,12 @@ def check_cdi(setup: NodeSetup, result: PlanResult) -> None:
         for kind, names in required_cdi_devices(resource, setup.context).items():
             needed.setdefault(kind, []).extend(n for n in names if n not in needed.get(kind, []))
     for kind, names in needed.items():
-        searched, missing = find_missing_cdi_devices(setup.root, kind, names)
+        searched: list[str] = []
+        missing = list(names)
+        for root in setup.cdi_roots:
+            where, absent = find_missing_cdi_devices(root, kind, names)
+            searched += where
+            missing = [n for n in missing if n in absent]
         warning = cdi_warning(kind, missing, searched)
         if warning:
             log.warning("%s", warning)

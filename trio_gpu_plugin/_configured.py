@@ -17,8 +17,14 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from ._allocate import AllocateContext, container_response, existing_control_nodes, validate_request
-from ._config import Config
+from ._allocate import (
+    AllocateContext,
+    container_response,
+    existing_control_nodes,
+    imex_channel_path,
+    validate_request,
+)
+from ._config import Config, ConfigError
 from ._devices import DeviceInfo, Publish, Resource, first_fit
 from ._node_model import NodeModel
 from ._nvml_source import NvmlNode
@@ -71,12 +77,36 @@ class NodeSetup:
 
     @classmethod
     def read(cls, config: Config, root: str | os.PathLike[str]) -> NodeSetup:
-        """Gather the node facts the configuration needs."""
+        """Gather the node facts the configuration needs.
+
+        Raises ``ConfigError`` for a required IMEX channel the node lacks (NVIDIA's text).
+        """
         root = os.fspath(root)
+        channels = []
+        for channel in config.imex.channel_ids:
+            path = os.path.join(root, imex_channel_path(channel).lstrip("/"))
+            if os.path.exists(path):
+                channels.append(channel)
+            elif config.imex.required:
+                raise ConfigError(f"requested IMEX channel channel{channel} does not exist "
+                                  f"({path}; imex.required is set)")
+            else:
+                log.warning("IMEX channel channel%d does not exist (%s); not handing it out",
+                            channel, path)
         return cls(
             config=config, root=root, mig_minors=read_mig_minors(root),
             context=AllocateContext(config=config, control_nodes=existing_control_nodes(root),
-                                    imex_channels=config.imex.channel_ids))
+                                    imex_channels=tuple(channels)))
+
+    @property
+    def cdi_roots(self) -> list[str]:
+        """Where CDI specs are looked for: the plugin's own view of the node and, when
+        mounted, the host's driver root (``--driver-root-ctr-path``)."""
+        roots = [self.root]
+        mounted = self.config.flags.plugin.container_driver_root
+        if mounted and os.path.isdir(mounted) and os.path.realpath(mounted) != os.path.realpath(self.root):
+            roots.append(mounted)
+        return roots
 
     def plan(self, model: NodeModel) -> PlanResult:
         """The resources to serve on ``model`` (raises ``ConfigError`` with NVIDIA's texts)."""
