@@ -200,3 +200,110 @@ async def test_cdi_names_without_a_spec_are_warned_about_at_start(
     spec.write_text(f"cdiVersion: 0.5.0\nkind: nvidia.com/gpu\ndevices:\n{names}")
     check_cdi(setup, result)
     assert caplog.text == ""
+
+
+def test_readme_sharing_example_gives_what_it_says(tmp_path: pathlib.Path) -> None:
+    import re
+
+    import yaml
+
+    from trio_gpu_plugin._discovery import discover
+    from trio_gpu_plugin._resources import plan
+
+    readme = (ROOT / "README.md").read_text()
+    (text,) = re.findall(r"<!-- example: sharing -->\n```yaml\n(.*?)\n```", readme, flags=re.S)
+    config, warnings = resolve_config({}, {}, yaml.safe_load(text))
+    assert warnings == []
+    nvml = SimulatedNVML(node_from("dgx-a100"))
+    nvml.nvmlInit()
+    model = discover(nvml, tmp_path).model
+    result = plan(model, config)
+    assert {r.name: (len(r.devices), r.sharing) for r in result.resources} == {
+        "nvidia.com/a100.small": (32, "time-slicing"),
+        "nvidia.com/a100.medium": (4, "time-slicing"),
+        "nvidia.com/a100": (2, "none"),
+    }
+    whole = next(r for r in result.resources if r.name == "nvidia.com/a100")
+    assert [d.id for d in whole.devices] == [model.gpus[6].uuid, model.gpus[7].uuid]
+
+
+def test_readme_migration_table_covers_every_flag() -> None:
+    from trio_gpu_plugin._config import FLAGS
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### Migrating from NVIDIA's plugin"):readme.index("### Sharing")]
+    for spec in FLAGS:
+        for name in (spec.name, *spec.aliases):
+            assert f"`{name}`" in table, name
+        for env in spec.envs:
+            assert f"`{env}`" in table, env
+
+
+@pytest.mark.parametrize("strategies", [
+    "envvar", "volume-mounts", "envvar,volume-mounts", "cdi-annotations", "cdi-cri",
+    "cdi-annotations,cdi-cri", "envvar,cdi-cri",
+])
+@pytest.mark.parametrize("id_strategy", ["uuid", "index"])
+async def test_allocate_contents_on_a_preset_per_strategy(
+        nursery: trio.Nursery, fake_kubelet: FakeKubelet, tmp_path: pathlib.Path,
+        strategies: str, id_strategy: str) -> None:
+    import re
+
+    _, node, _ = await serve_in_process(
+        nursery, fake_kubelet, tmp_path, "pcie-4",
+        {"device_list_strategy": strategies, "device_id_strategy": id_strategy,
+         "cdi_annotation_prefix": "cdi.example.com/"})
+    admission = await fake_kubelet.admit("nvidia.com/gpu", 2)
+    ids = admission.device_ids  # as advertised: UUIDs or "0".."3"
+    gpus = {g.uuid: g for g in node.model.gpus}  # type: ignore[union-attr]
+    assert all((i in gpus) if id_strategy == "uuid" else i in {"0", "1", "2", "3"} for i in ids)
+    response = admission.response
+    chosen = set(strategies.split(","))
+    cdi_only = chosen <= {"cdi-annotations", "cdi-cri"}
+    # Reference section 4.3, written out: volume-mounts' env value wins over envvar's.
+    expected_env = {}
+    if not cdi_only and "envvar" in chosen:
+        expected_env["NVIDIA_VISIBLE_DEVICES"] = ",".join(ids)
+    if "volume-mounts" in chosen:
+        expected_env["NVIDIA_VISIBLE_DEVICES"] = "/var/run/nvidia-container-devices"
+    assert dict(response.envs) == expected_env
+    assert [(m.container_path, m.host_path) for m in response.mounts] == (
+        [(f"/var/run/nvidia-container-devices/{i}", "/dev/null") for i in ids]
+        if "volume-mounts" in chosen else [])
+    names = [f"nvidia.com/gpu={i}" for i in ids]
+    assert [d.name for d in response.cdi_devices] == (names if "cdi-cri" in chosen else [])
+    if "cdi-annotations" in chosen:
+        ((key, value),) = response.annotations.items()
+        assert re.fullmatch(r"cdi\.example\.com/nvidia-device-plugin_[0-9a-f-]{36}", key)
+        assert value == ",".join(names)
+    else:
+        assert dict(response.annotations) == {}
+    assert list(response.devices) == []
+
+
+async def test_mps_sharing_hands_out_pipes_and_refuses_two_replicas(
+        nursery: trio.Nursery, fake_kubelet: FakeKubelet, tmp_path: pathlib.Path) -> None:
+    from trio_gpu_plugin._grpc import RpcError
+    from trio_gpu_plugin._transport import open_unix_channel
+    from trio_gpu_plugin.proto import v1beta1
+
+    document = {"version": "v1", "sharing": {"mps": {"resources": [
+        {"name": "nvidia.com/gpu", "replicas": 4}]}}}
+    _, node, _ = await serve_in_process(nursery, fake_kubelet, tmp_path, "pcie-4",
+                                        {"mps_root": "/run/nvidia/mps"}, document)
+    view = fake_kubelet.resources["nvidia.com/gpu"]  # MPS without renameByDefault: same name
+    assert view.capacity == 16
+    admission = await fake_kubelet.admit("nvidia.com/gpu", 1)
+    response = admission.response
+    assert response.envs["CUDA_MPS_PIPE_DIRECTORY"] == "/mps/nvidia.com/gpu/pipe"
+    assert [(m.container_path, m.host_path) for m in response.mounts] == [
+        ("/mps/nvidia.com/gpu/pipe", "/run/nvidia/mps/nvidia.com/gpu/pipe"),
+        ("/dev/shm", "/run/nvidia/mps/shm")]
+    uuid = node.model.gpus[0].uuid  # type: ignore[union-attr]
+    async with open_unix_channel(fake_kubelet.socket_dir / "nvidia-gpu.sock") as channel:
+        with pytest.raises(RpcError) as caught:
+            await channel.unary(v1beta1.DEVICE_PLUGIN, "Allocate", v1beta1.AllocateRequest(
+                container_requests=[v1beta1.ContainerAllocateRequest(
+                    devices_ids=[f"{uuid}::0", f"{uuid}::1"])]))
+    assert caught.value.message == ('invalid allocation request for "nvidia.com/gpu": invalid '
+                                    "request: maximum request size for shared resources is 1; found 2")
