@@ -521,3 +521,16 @@ async def test_nvml_that_flaps_backs_off_instead_of_flooding(
     assert 3 <= sessions <= 20, sessions
     lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(lines) <= 3 * sessions + 8
+
+
+async def test_a_gpu_falling_off_the_bus_never_takes_the_others_down(
+        nursery: trio.Nursery, root: pathlib.Path) -> None:
+    # NVML cannot name a lost GPU's handle any more; NVIDIA then marks every GPU of the
+    # node Unhealthy. We know the handle from registration and mark that GPU only.
+    nvml = simulated("dgx-a100", root)
+    node, devices = await start(nursery, nvml, root, window=60)
+    uuid = node.model.gpus[5].uuid  # type: ignore[union-attr]
+    nvml.lose(5)
+    await devices.wait_until(lambda: devices.unhealthy == {uuid})
+    await trio.sleep(0.3)
+    assert all({d.id for d in lst if not d.healthy} <= {uuid} for lst in devices.lists)

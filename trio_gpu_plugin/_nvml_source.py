@@ -25,6 +25,7 @@ every logical device built on it.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
@@ -155,6 +156,16 @@ def _backoff(attempt: int, initial: float = RETRY_INITIAL, cap: float = RETRY_CA
     return random.uniform(0.5, 1.0) * min(cap, initial * 2.0 ** min(attempt, 32))
 
 
+def _handle_key(handle: Any) -> int:
+    """What identifies a device handle: the pointer's value for pynvml's ctypes handles
+    (each call returns a new pointer object), the object for others."""
+    try:
+        value = ctypes.cast(handle, ctypes.c_void_p).value
+    except (TypeError, ctypes.ArgumentError):
+        return id(handle)
+    return value if value is not None else id(handle)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Event:
     uuid: str | None
@@ -223,6 +234,7 @@ class NvmlNode:
         #: NVML sessions started so far.
         self.sessions = 0
         self._listeners: list[Callable[[], None]] = []
+        self._handles: dict[int, str] = {}
         self._ready = trio.Event()
 
     # --- what sources see ---------------------------------------------------------------
@@ -413,11 +425,18 @@ class NvmlNode:
     # --- events ---------------------------------------------------------------------------
 
     def _register(self, model: NodeModel, event_set: Any) -> dict[str, str]:
-        """Register every GPU on the event set (blocking); GPU UUID -> failure."""
+        """Register every GPU on the event set (blocking); GPU UUID -> failure.
+
+        Also remembers which handle is which GPU: an event from a GPU that has fallen
+        off the bus names a handle NVML can no longer answer for (NVIDIA then marks every
+        GPU of the node Unhealthy; we mark the one).
+        """
         failures = {}
+        self._handles = {}
         for gpu in model.gpus:
             try:
                 handle = self.nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
+                self._handles[_handle_key(handle)] = gpu.uuid
                 mask = self.checks.event_mask(self.nvml.nvmlDeviceGetSupportedEventTypes(handle))
                 if mask:
                     self.nvml.nvmlDeviceRegisterEvents(handle, mask, event_set)
@@ -437,11 +456,13 @@ class NvmlNode:
             data = self.nvml.nvmlEventSetWait_v2(event_set, self.wait_timeout_ms)
         except pynvml.NVMLError_Timeout:
             return None
-        try:
-            uuid: str | None = text(self.nvml.nvmlDeviceGetUUID(data.device))
-            error = ""
-        except NVMLError as exc:
-            uuid, error = None, str(exc)
+        uuid: str | None = self._handles.get(_handle_key(data.device))
+        error = ""
+        if uuid is None:
+            try:
+                uuid = text(self.nvml.nvmlDeviceGetUUID(data.device))
+            except NVMLError as exc:
+                error = str(exc)
         return _Event(uuid, int(data.eventType), int(data.eventData),
                       int(data.gpuInstanceId), int(data.computeInstanceId), error)
 
