@@ -25,11 +25,13 @@ from ._allocate import (
     validate_request,
 )
 from ._config import Config, ConfigError
-from ._devices import DeviceInfo, Publish, Resource, first_fit
+from ._devices import DeviceInfo, Publish, Resource
 from ._node_model import NodeModel
 from ._nvml_source import NvmlNode
 from ._plan_model import PlannedResource
+from ._preferred import preferred_allocation
 from ._resources import PlanResult, parse_mig_minors, plan
+from ._topology import Topology
 from .proto import v1beta1
 
 __all__ = ["NodeSetup", "PlannedSource", "read_mig_minors"]
@@ -113,10 +115,17 @@ class NodeSetup:
         return plan(model, self.config, self.mig_minors)
 
     def resources(self, node: NvmlNode, result: PlanResult) -> list[Resource]:
-        """One :class:`Resource` per planned resource, sourced from ``node``."""
-        return [Resource(r.name, PlannedSource(node, self, r.name), r.socket_name,
-                         preferred_allocation=first_fit)
-                for r in result.resources]
+        """One :class:`Resource` per planned resource, sourced from ``node``, with the
+        topology-aware GetPreferredAllocation policy."""
+        resources = []
+        for planned in result.resources:
+            source = PlannedSource(node, self, planned.name)
+            policy = preferred_allocation(
+                source.resource, source.topology,
+                self.config.flags.plugin.shared_devices_allocation_policy)
+            resources.append(Resource(planned.name, source, planned.socket_name,
+                                      preferred_allocation=policy))
+        return resources
 
 
 class PlannedSource:
@@ -131,6 +140,8 @@ class PlannedSource:
         self._resource = PlannedResource(name=name, socket_name="", devices=())
         self._emptied = False
         self._update: Callable[[], None] | None = None
+        self._topology: Topology | None = None
+        self._topology_model: NodeModel | None = None
 
     def resource(self) -> PlannedResource:
         """The planned resource for the current model (empty if it no longer plans)."""
@@ -148,6 +159,17 @@ class PlannedSource:
             self._resource = planned.get(
                 self.name, PlannedResource(name=self.name, socket_name="", devices=()))
         return self._resource
+
+    def topology(self) -> Topology:
+        """The node's GPU topology, built once per discovered model."""
+        model = self.node.model
+        if model is None:
+            return Topology.from_model(NodeModel(gpus=()))
+        if model is not self._topology_model:
+            self._topology = Topology.from_model(model)
+            self._topology_model = model
+        assert self._topology is not None
+        return self._topology
 
     def empty(self) -> None:
         """Advertise no devices from now on (the resource is going away)."""
