@@ -152,3 +152,11 @@ async def test_the_kubelet_gets_the_topology_answer_and_a_lost_gpu_drops_out(
     assert admission.preferred is not None and sorted(admission.preferred) == sorted(admission.device_ids)
     # With GPU 3 gone, the best quad of the cube-mesh is 4-5-6-7 (fully connected, 8 links).
     assert set(admission.device_ids) == {uuids[i] for i in (4, 5, 6, 7)}
+
+
+def test_an_unhealthy_device_offered_anyway_is_not_chosen(tmp_path: pathlib.Path) -> None:
+    resource, topology = planned(PRESETS["dgx-1"], tmp_path, {"device_id_strategy": "index"})
+    choose = preferred_allocation(lambda: resource, lambda: topology)
+    offered = [DeviceInfo(d.id, healthy=d.id != "3") for d in resource.devices]
+    chosen = choose(offered, ["0"], 2)
+    assert chosen == ["0", "4"]  # GPU 3 would tie with 4 (two NVLinks each), but it is sick

@@ -116,7 +116,8 @@ def preferred_allocation(
     def choose(available: Sequence[DeviceInfo], must_include: Sequence[str], size: int) -> list[str]:
         planned = resource()
         by_id = {d.id: d for d in planned.devices}
-        offered = [by_id[d.id] for d in available if d.id in by_id]
+        # An unhealthy device is simply not a candidate (the kubelet does not offer them).
+        offered = [by_id[d.id] for d in available if d.id in by_id and d.healthy]
         required = [by_id[i] for i in dict.fromkeys(must_include) if i in by_id][:max(size, 0)]
         if size <= 0:
             return []
