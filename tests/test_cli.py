@@ -319,3 +319,22 @@ async def test_a_grpcio_kubelet_in_another_process_registers_watches_and_allocat
     assert result["devices"] == [[g.uuid, "Healthy", [g.numa_node]] for g in source.gpus]
     assert len(result["allocate"]["ids"]) == 2
     assert result["allocate"]["envs"] == {"NVIDIA_VISIBLE_DEVICES": ",".join(result["allocate"]["ids"])}
+
+
+def test_json_logs_are_one_object_per_line(socket_dir: pathlib.Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SIMULATE"} | {"LOG_FORMAT": "json"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trio_gpu_plugin", "--simulate", "pcie-4", "--kubelet-socket",
+         str(socket_dir / "kubelet.sock")], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        assert process.stderr is not None
+        while len(lines) < 5:
+            lines.append(process.stderr.readline())
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
+    records = [json.loads(line) for line in lines]
+    assert all(set(r) >= {"time", "level", "logger", "message"} for r in records)
+    assert records[0]["message"].startswith("Running with config: {")
+    assert any("waiting for the kubelet" in r["message"] for r in records)

@@ -36,6 +36,7 @@ from ._config import (
     resolve_config,
 )
 from ._configured import NodeSetup, PlannedSource
+from ._logging import configure_logging
 from ._nvml import NVML, load_pynvml
 from ._nvml_source import NvmlInitError, NvmlNode
 from ._resources import PlanResult
@@ -66,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="run a fake kubelet and a simulated 8-GPU node, and narrate what happens")
     demo.add_argument("--preset", default="dgx-a100", choices=PRESET_NAMES)
+    inspect = sub.add_parser(
+        "inspect", help="show what this node would advertise (real NVML, or --simulate), "
+                        "with health and the GPU topology; exit 1 if a device is unhealthy",
+        description="Discover the node through NVML (or the simulated node of --simulate), "
+                    "plan the resources with the configuration given by the other flags, "
+                    "probe every device once, and print the result.")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inject = sub.add_parser(
         "inject", help="inject a fault into a running plugin's simulated node",
         description="Send one request to a --simulate-control socket and print the answer; "
@@ -283,10 +291,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         parser.exit(1, f"trio-gpu-plugin: error: {exc}\n")
     level = level or ("error" if args.command == "demo" else "info")
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        log_format = flag_value("--log-format", vars(args), os.environ) or "text"
+    except ConfigError as exc:
+        parser.exit(1, f"trio-gpu-plugin: error: {exc}\n")
+    configure_logging(level, log_format)
     if args.command == "demo":
         from ._demo import run_demo
 
@@ -320,11 +329,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         nvml = simulated
     else:
         nvml = load_pynvml(config.flags.plugin.container_driver_root)
+    inspecting = args.command == "inspect"
     node = NvmlNode(nvml, root=root, recovery_window=config.flags.health_recovery_window,
-                    probe_interval=config.flags.health_probe_interval,
-                    fail_on_init_error=config.flags.fail_on_init_error)
+                    # inspect probes every device once, at once.
+                    probe_interval=0.05 if inspecting else config.flags.health_probe_interval,
+                    fail_on_init_error=config.flags.fail_on_init_error or inspecting)
     try:
         setup = NodeSetup.read(config, root)
+        if inspecting:
+            from ._inspect import inspect_node, render_json, render_text
+
+            data = trio.run(inspect_node, node, setup)
+            print(render_json(data) if args.json else render_text(data))
+            return 1 if data["unhealthy"] else 0
         return trio.run(serve, settings, setup, node, simulated, simulate_control)
     except (ConfigError, ValueError) as exc:
         print(f"trio-gpu-plugin: error: {exc}", file=sys.stderr)

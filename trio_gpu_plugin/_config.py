@@ -439,6 +439,15 @@ FLAGS: Final[tuple[FlagSpec, ...]] = (
         name="--log-level", envs=("LOG_LEVEL",), attr=None, config_key=None, kind="choice",
         choices=_LOG_LEVELS, default="info, and error for the demo", group=_LOGGING,
         help="the least severe log records shown"),
+    FlagSpec(
+        name="--log-format", envs=("LOG_FORMAT",), attr=None, config_key=None, kind="choice",
+        choices=("text", "json"), default="text", group=_LOGGING,
+        help="text for people, json (one object per line) for log pipelines"),
+    FlagSpec(
+        name="--metrics-address", envs=("METRICS_ADDRESS",), attr=None, config_key=None,
+        kind="optional-str", default="off", group=_LOGGING, metavar="HOST:PORT",
+        help="serve /healthz, /readyz and /metrics (Prometheus) here; needs the 'metrics' "
+             "extra (h11, prometheus_client)"),
 )
 
 _SPECS_BY_KEY: Final = {spec.config_key: spec for spec in FLAGS if spec.config_key}

@@ -1,0 +1,70 @@
+"""trio-gpu-plugin inspect: the resources a node would advertise, their health and the
+GPU topology, for people and for machines."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import trio
+
+from trio_gpu_plugin._config import resolve_config
+from trio_gpu_plugin._configured import NodeSetup
+from trio_gpu_plugin._health import HealthChecks
+from trio_gpu_plugin._inspect import render_text, report
+from trio_gpu_plugin._nvml_sim import PRESETS, SimulatedNVML
+from trio_gpu_plugin._nvml_source import NvmlNode
+from trio_gpu_plugin._topology import Topology
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("SIMULATE", "LOG_FORMAT")}
+    return subprocess.run([sys.executable, "-m", "trio_gpu_plugin", "--log-level", "error", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_inspect_json_shows_resources_devices_and_the_nvlink_matrix() -> None:
+    result = run_cli("--simulate", "dgx-1", "inspect", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    ((resource),) = data["resources"]
+    assert resource["name"] == "nvidia.com/gpu" and len(resource["devices"]) == 8
+    assert all(d["healthy"] for d in resource["devices"])
+    assert data["topology"][0][:5] == ["X", "NV1", "NV1", "NV2", "NV2"]
+    assert data["topology"][0][5] == "SYS"
+    assert data["unhealthy"] == 0
+
+
+def test_inspect_text_for_mig_names_profiles() -> None:
+    result = run_cli("--simulate", "a100-mig", "--mig-strategy", "mixed", "inspect")
+    assert result.returncode == 0, result.stderr
+    assert "nvidia.com/mig-7g.40gb (nvidia-mig-7g.40gb.sock; sharing none): 1 device(s), 1 healthy" \
+        in result.stdout
+    assert "MIG 1g.5gb+me" in result.stdout
+
+
+async def test_a_lost_gpu_shows_unhealthy_with_its_reason(tmp_path: pathlib.Path) -> None:
+    nvml = SimulatedNVML(PRESETS["pcie-4"])
+    nvml.write_driver_root(tmp_path)
+    node = NvmlNode(nvml, root=tmp_path, checks=HealthChecks(), probe_interval=0.02)
+    config, _ = resolve_config({"device_list_strategy": "envvar"}, {}, None)
+    setup = NodeSetup.read(config, tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        nvml.lose(2)
+        with trio.fail_after(5):
+            while node.tracker.healthy(node.model.gpus[2].uuid):  # type: ignore[union-attr]
+                await trio.sleep(0.01)
+        model = node.model
+        assert model is not None
+        data = report(model, setup.plan(model), node.healthy, node.tracker.unhealthy_units(),
+                      Topology.from_model(model))
+        nursery.cancel_scope.cancel()
+    assert data["unhealthy"] == 1
+    text = render_text(data)
+    assert "3 healthy" in text and "Unhealthy (XID 79 (GPU has fallen off the bus))" in text
