@@ -333,7 +333,7 @@ def test_json_logs_are_one_object_per_line(socket_dir: pathlib.Path) -> None:
             lines.append(process.stderr.readline())
     finally:
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=20)
+        process.communicate(timeout=20)
     records = [json.loads(line) for line in lines]
     assert all(set(r) >= {"time", "level", "logger", "message"} for r in records)
     assert records[0]["message"].startswith("Running with config: {")
