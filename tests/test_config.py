@@ -101,7 +101,8 @@ def test_every_reference_flag_is_in_the_table() -> None:
         # Ours
         "--cdi-kind": ("CDI_KIND",), "--health-recovery-window": ("HEALTH_RECOVERY_WINDOW",),
         "--health-probe-interval": ("HEALTH_PROBE_INTERVAL",), "--simulate": ("SIMULATE",),
-        "--simulate-control": ("SIMULATE_CONTROL",), "--log-level": ("LOG_LEVEL",),
+        "--simulate-control": ("SIMULATE_CONTROL",), "--log-level": ("LOG_LEVEL",), "--log-format": ("LOG_FORMAT",),
+        "--metrics-address": ("METRICS_ADDRESS",),
     }
     assert {s.name: s.envs for s in FLAGS} == reference
     aliases = {s.name: s.aliases for s in FLAGS if s.aliases}
@@ -136,7 +137,7 @@ def test_config_keys_are_nvidias() -> None:
         "--health-probe-interval": "flags.healthProbeInterval",
     }
     assert {s.name for s in FLAGS if s.attr is None} == {
-        "--simulate", "--simulate-control", "--log-level"}
+        "--simulate", "--simulate-control", "--log-level", "--log-format", "--metrics-address"}
 
 
 def test_display_defaults_match_the_dataclasses() -> None:

@@ -37,6 +37,7 @@ from ._config import (
 )
 from ._configured import NodeSetup, PlannedSource
 from ._logging import configure_logging
+from ._observe import Observer
 from ._nvml import NVML, load_pynvml
 from ._nvml_source import NvmlInitError, NvmlNode
 from ._resources import PlanResult
@@ -45,6 +46,7 @@ from ._watch import PathWatcher, identity
 
 if TYPE_CHECKING:
     from ._control import FaultTarget
+    from ._metrics import Metrics
 
 log = logging.getLogger("trio_gpu_plugin.cli")
 
@@ -158,7 +160,8 @@ def check_cdi(setup: NodeSetup, result: PlanResult) -> None:
 
 async def serve(settings: Settings, setup: NodeSetup, node: NvmlNode,
                 simulated: FaultTarget | None = None,
-                simulate_control: str | None = None) -> int:
+                simulate_control: str | None = None,
+                metrics: tuple[Metrics, str, int] | None = None) -> int:
     """Serve until SIGTERM or SIGINT (exit 0).  SIGHUP or a change of the config file
     reloads: the new configuration is validated and planned before anything is torn
     down (a bad one is logged and the running one keeps serving); resources that go away
@@ -194,6 +197,7 @@ async def serve(settings: Settings, setup: NodeSetup, node: NvmlNode,
                          source.name)
                 source.empty()
                 source.publish_now()
+                node.observer.forget_resource(source.name)
             if gone:
                 # The kubelet reads the empty list from the open ListAndWatch stream at
                 # once; a moment for it to arrive before the socket goes away.
@@ -207,6 +211,13 @@ async def serve(settings: Settings, setup: NodeSetup, node: NvmlNode,
 
             async def run_plugin() -> None:
                 nonlocal result
+                if metrics is not None:
+                    from ._metrics import serve_metrics
+
+                    observer, host, port = metrics
+                    bound = await nursery.start(serve_metrics, observer, host, port)
+                    log.info("health and metrics: http://%s:%s/healthz, /readyz, /metrics",
+                             host, bound)
                 await nursery.start(node.run)
                 if simulated is not None and simulate_control:
                     from ._control import serve_control
@@ -229,8 +240,8 @@ async def serve(settings: Settings, setup: NodeSetup, node: NvmlNode,
                     if not resources:
                         log.warning("no devices to advertise with this configuration; waiting "
                                     "for a reload (SIGHUP or a config file change)")
-                    plugin = DevicePlugin(resources, kubelet_socket=current.config.flags.kubelet_socket) \
-                        if resources else None
+                    plugin = DevicePlugin(resources, kubelet_socket=current.config.flags.kubelet_socket,
+                                          observer=node.observer) if resources else None
                     with trio.CancelScope() as scope:
                         generation[:] = [scope]
                         if plugin is None:
@@ -330,10 +341,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         nvml = load_pynvml(config.flags.plugin.container_driver_root)
     inspecting = args.command == "inspect"
+    observer: Observer = Observer()
+    metrics = None
+    address = None if inspecting else flag_value("--metrics-address", vars(args), os.environ)
+    if address:
+        try:
+            from ._metrics import Metrics, parse_address  # noqa: F811 (the runtime import)
+        except ImportError as exc:
+            print(f"trio-gpu-plugin: error: --metrics-address needs the 'metrics' extra "
+                  f"(pip install 'trio-gpu-plugin[metrics]'): {exc}", file=sys.stderr)
+            return 1
+        try:
+            host, port = parse_address(address)
+        except ValueError as exc:
+            print(f"trio-gpu-plugin: error: --metrics-address: {exc}", file=sys.stderr)
+            return 1
+        metrics = (Metrics(), host, port)
+        observer = metrics[0]
     node = NvmlNode(nvml, root=root, recovery_window=config.flags.health_recovery_window,
                     # inspect probes every device once, at once.
                     probe_interval=0.05 if inspecting else config.flags.health_probe_interval,
-                    fail_on_init_error=config.flags.fail_on_init_error or inspecting)
+                    fail_on_init_error=config.flags.fail_on_init_error or inspecting,
+                    observer=observer)
     try:
         setup = NodeSetup.read(config, root)
         if inspecting:
@@ -342,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             data = trio.run(inspect_node, node, setup)
             print(render_json(data) if args.json else render_text(data))
             return 1 if data["unhealthy"] else 0
-        return trio.run(serve, settings, setup, node, simulated, simulate_control)
+        return trio.run(serve, settings, setup, node, simulated, simulate_control, metrics)
     except (ConfigError, ValueError) as exc:
         print(f"trio-gpu-plugin: error: {exc}", file=sys.stderr)
         return 1

@@ -59,6 +59,7 @@ from ._nvml import (
     nvml_gone,
     text,
 )
+from ._observe import Observer
 from .proto import v1beta1
 
 __all__ = [
@@ -212,6 +213,7 @@ class NvmlNode:
         wait_timeout_ms: int = WAIT_TIMEOUT_MS,
         retry_initial: float = RETRY_INITIAL,
         retry_cap: float = RETRY_CAP,
+        observer: Observer | None = None,
     ) -> None:
         if recovery_window < 0:
             raise ValueError(f"recovery window must be >= 0 seconds, got {recovery_window}")
@@ -226,6 +228,8 @@ class NvmlNode:
         self.wait_timeout_ms = wait_timeout_ms
         self.retry_initial = retry_initial
         self.retry_cap = retry_cap
+        #: Told about NVML events, health transitions and NVML going up or down.
+        self.observer = observer or Observer()
         # Two threads: the event wait holds one for its whole life; probes use the other.
         self.limiter = limiter or trio.CapacityLimiter(2)
         self.tracker = HealthTracker(recovery_window)
@@ -279,6 +283,7 @@ class NvmlNode:
     def _log(self, transition: Transition | None) -> bool:
         if transition is None:
             return False
+        self.observer.health_transition(transition.unit, transition.healthy, transition.reason)
         if transition.healthy:
             log.info("%s is healthy again: %s", self._describe(transition.unit), transition.reason)
         else:
@@ -341,6 +346,7 @@ class NvmlNode:
                 await trio.sleep(delay)
                 continue
             self._install(result)
+            self.observer.nvml_up(True)
             began = trio.current_time()
             try:
                 failure = await self._session(result.model, ready)
@@ -351,6 +357,7 @@ class NvmlNode:
                 # A session that lasted starts the back-off over; one that failed at once
                 # (NVML flapping) keeps doubling it, so flapping cannot flood the log.
                 attempt = 0
+            self.observer.nvml_up(False)
             log.warning("NVML failed: %s; all devices marked Unhealthy until it answers again",
                         failure)
             if self._mark(self._all_units(), f"NVML failed: {failure}"):
@@ -528,14 +535,17 @@ class NvmlNode:
         """Apply one NVML event; whether any device changed health."""
         checks = self.checks
         if event.event_type & EVENT_XID:
+            self.observer.nvml_event(event.data, "xid")
             if not checks.counts_xid(event.data):
                 log.debug("ignoring XID %d on %s (not a health check here)", event.data, event.uuid)
                 return False
             meaning = describe_xid(event.data)
             reason = f"XID {event.data}" + (f" ({meaning})" if meaning else "")
         elif event.event_type & EVENT_DOUBLE_BIT_ECC and checks.checks_dbe:
+            self.observer.nvml_event(None, "ecc-dbe")
             reason = "double-bit ECC error"
         elif event.event_type & EVENT_GPU_UNAVAILABLE and checks.checks_lost:
+            self.observer.nvml_event(None, "gpu-unavailable")
             reason = "GPU unavailable"
         else:
             log.debug("ignoring NVML event type 0x%x on %s", event.event_type, event.uuid)

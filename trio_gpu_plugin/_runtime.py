@@ -32,6 +32,7 @@ import trio
 
 from ._devices import Resource
 from ._grpc import RpcError
+from ._observe import Observer
 from ._service import DevicePluginService
 from ._transport import open_unix_channel, serve_unix
 from ._watch import Identity, PathWatcher, identity
@@ -67,6 +68,7 @@ class DevicePlugin:
         register_timeout: bound on each Register call, in seconds.
         watch_poll_interval: safety-net re-check of the sockets, in seconds, on top of
             inotify (or the polling period where inotify is unavailable).
+        observer: receives registrations, kubelet restarts and DevicePlugin calls.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class DevicePlugin:
         kubelet_socket: str | os.PathLike[str] = v1beta1.KUBELET_SOCKET,
         register_timeout: float = REGISTER_TIMEOUT,
         watch_poll_interval: float = 10.0,
+        observer: Observer | None = None,
     ) -> None:
         if not resources:
             raise ValueError("a device plugin needs at least one resource")
@@ -87,7 +90,9 @@ class DevicePlugin:
         self.socket_dir = self.kubelet_socket.parent
         self.register_timeout = register_timeout
         self.watch_poll_interval = watch_poll_interval
-        self.services = {r.name: DevicePluginService(r) for r in resources}
+        #: Told about registrations, restarts and calls (metrics, health endpoints).
+        self.observer = observer or Observer()
+        self.services = {r.name: DevicePluginService(r, self.observer) for r in resources}
         #: Accepted registrations so far, by resource name.
         self.registrations = {r.name: 0 for r in resources}
         self._epochs: dict[str, trio.CancelScope] = {}
@@ -173,10 +178,16 @@ class DevicePlugin:
                 nursery.start_soon(self._watch, watcher, baseline, epoch, why)
                 await self._register(resource)
                 self.registrations[resource.name] += 1
+                self.observer.registered(resource.name)
+                self.observer.set_resource(resource.name, True, True, "")
                 self._registered[resource.name].set()
                 await trio.sleep_forever()
         del self._epochs[resource.name]
-        return why[0] if why else self._restart_reasons.pop(resource.name, "restart requested")
+        reason = why[0] if why else self._restart_reasons.pop(resource.name, "restart requested")
+        if "the kubelet restarted" in reason:
+            self.observer.kubelet_restart(resource.name)
+        self.observer.set_resource(resource.name, False, False, f"starting over: {reason}")
+        return reason
 
     async def _watch(self, watcher: PathWatcher, baseline: dict[str, Identity],
                      epoch: trio.CancelScope, why: list[str]) -> None:

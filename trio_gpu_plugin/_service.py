@@ -10,12 +10,15 @@ burst of changes reaches a slow watcher as the latest state only.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import trio
 
 from ._devices import DeviceInfo, Resource, check_allocatable
 from ._grpc import RpcError, StatusCode
+from ._observe import Observer
 from ._transport import Service
 from .proto import v1beta1
 
@@ -23,12 +26,16 @@ __all__ = ["DevicePluginService"]
 
 log = logging.getLogger("trio_gpu_plugin.service")
 
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
 
 class DevicePluginService:
     """The five DevicePlugin RPCs for one :class:`~trio_gpu_plugin.Resource`."""
 
-    def __init__(self, resource: Resource) -> None:
+    def __init__(self, resource: Resource, observer: Observer | None = None) -> None:
         self.resource = resource
+        self.observer = observer or Observer()
         self._devices: dict[str, DeviceInfo] = {}
         self._response = v1beta1.ListAndWatchResponse()
         self._version = 0
@@ -58,6 +65,7 @@ class DevicePluginService:
         self._changed.set()
         self._changed = trio.Event()
         healthy = sum(d.healthy for d in devices)
+        self.observer.set_devices(self.resource.name, healthy, len(table) - healthy)
         newly_unhealthy = sorted(
             i for i, d in table.items() if not d.healthy and before.get(i, d).healthy)
         if newly_unhealthy:
@@ -88,6 +96,22 @@ class DevicePluginService:
     async def get_preferred_allocation(
         self, request: v1beta1.PreferredAllocationRequest
     ) -> v1beta1.PreferredAllocationResponse:
+        return await self._timed("GetPreferredAllocation", self._get_preferred_allocation, request)
+
+    async def _timed(self, method: str, handler: Callable[[_Req], Awaitable[_Resp]],
+                     request: _Req) -> _Resp:
+        started = time.perf_counter()
+        ok = False
+        try:
+            response = await handler(request)
+            ok = True
+            return response
+        finally:
+            self.observer.rpc(method, self.resource.name, time.perf_counter() - started, ok)
+
+    async def _get_preferred_allocation(
+        self, request: v1beta1.PreferredAllocationRequest
+    ) -> v1beta1.PreferredAllocationResponse:
         policy = self.resource.preferred_allocation
         if policy is None:
             raise RpcError(StatusCode.UNIMPLEMENTED,
@@ -104,6 +128,9 @@ class DevicePluginService:
         return v1beta1.PreferredAllocationResponse(container_responses=responses)
 
     async def allocate(self, request: v1beta1.AllocateRequest) -> v1beta1.AllocateResponse:
+        return await self._timed("Allocate", self._allocate, request)
+
+    async def _allocate(self, request: v1beta1.AllocateRequest) -> v1beta1.AllocateResponse:
         responses = []
         for container in request.container_requests:
             ids = check_allocatable(self.resource.name, self._devices, container.devices_ids)

@@ -1,0 +1,443 @@
+"""``--metrics-address``: Prometheus metrics and liveness/readiness probes over HTTP/1.1.
+
+Optional: this module imports ``h11`` and ``prometheus_client`` (the ``metrics`` extra) at
+import time, so the runtime must import it only when ``--metrics-address`` is given; the
+plugin runs without either package when the feature is off.
+
+Three pieces:
+
+* :class:`Metrics`: the plugin's counters, gauges and histogram on a registry of its own
+  (never prometheus_client's global one: an embedder may run several plugins in one
+  process), recorded through plain, fast methods that do no I/O.  Labels are bounded:
+  resource names, gRPC method names, event kinds and XID codes, never device IDs.
+* :class:`HealthStatus`: what ``/healthz`` and ``/readyz`` answer, updated by the runtime
+  (available as :attr:`Metrics.health`).
+* :func:`serve_metrics`: an h11 server on trio answering ``GET``/``HEAD`` for
+  ``/healthz``, ``/readyz`` and ``/metrics``, one task per connection, with keep-alive,
+  bounded requests and an idle timeout.  :func:`parse_address` parses the flag's
+  ``HOST:PORT``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+from typing import Final, NoReturn
+
+import h11
+import prometheus_client
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ._observe import Observer
+from ._version import __version__
+
+__all__ = [
+    "IDLE_TIMEOUT",
+    "MAX_BODY_BYTES",
+    "MAX_HEADER_BYTES",
+    "NVML_EVENT_KINDS",
+    "RPC_BUCKETS",
+    "HealthStatus",
+    "Metrics",
+    "parse_address",
+    "serve_metrics",
+]
+
+log = logging.getLogger("trio_gpu_plugin.metrics")
+
+#: Histogram buckets for gRPC handling time, in seconds: sub-millisecond to seconds.
+RPC_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+
+#: The ``kind`` label values of ``trio_gpu_plugin_nvml_events_total``; anything else is
+#: counted as ``"other"`` so the label stays bounded.
+NVML_EVENT_KINDS: Final = frozenset({"xid", "ecc-dbe", "gpu-unavailable"})
+
+#: Seconds a connection may take to send a complete request (or sit idle between
+#: keep-alive requests) before it is closed.
+IDLE_TIMEOUT: Final = 30.0
+
+#: Largest request line plus headers accepted (h11 answers 431/400 beyond it).
+MAX_HEADER_BYTES: Final = 8 * 1024
+
+#: Largest request body read (the probes take none); beyond it the answer is 413.
+MAX_BODY_BYTES: Final = 64 * 1024
+
+_RECEIVE_SIZE: Final = 16 * 1024
+_CLOSE_GRACE: Final = 2.0
+_TEXT: Final = b"text/plain; charset=utf-8"
+_SERVER: Final = f"trio-gpu-plugin/{__version__}".encode("ascii", "replace")
+
+
+# --- health state ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _ResourceState:
+    registered: bool
+    serving: bool
+    reason: str
+
+
+class HealthStatus:
+    """What the probes answer, as the runtime last reported it.
+
+    Liveness (:meth:`healthz`) is ok when at least one resource is known and every known
+    resource is registered with the kubelet and its gRPC server answers.  Readiness
+    (:meth:`readyz`) applies the same rule and additionally fails while NVML was last
+    reported down (:meth:`set_nvml`); NVML that was never reported (a simulated node, or
+    before the first report) does not hold readiness back.  NVML is left out of liveness
+    on purpose: restarting the plugin does not repair a driver.
+    """
+
+    def __init__(self) -> None:
+        self._resources: dict[str, _ResourceState] = {}
+        self._nvml_up: bool | None = None
+        self._nvml_reason = ""
+
+    def set_resource(self, resource: str, registered: bool, serving: bool, reason: str) -> None:
+        """Record the state of ``resource`` (for example ``nvidia.com/gpu``): whether it is
+        registered with the kubelet, whether its server answers, and why not (may be
+        empty)."""
+        self._resources[resource] = _ResourceState(registered, serving, reason)
+
+    def forget_resource(self, resource: str) -> None:
+        """Stop accounting for ``resource`` (it was removed from the configuration)."""
+        self._resources.pop(resource, None)
+
+    def set_nvml(self, up: bool, reason: str = "") -> None:
+        """Record whether NVML answers (readiness only)."""
+        self._nvml_up = up
+        self._nvml_reason = reason
+
+    def _resource_problems(self) -> list[str]:
+        if not self._resources:
+            return ["starting: no resource known yet"]
+        problems = []
+        for name in sorted(self._resources):
+            state = self._resources[name]
+            what = [w for w, bad in (("not registered", not state.registered),
+                                     ("not serving", not state.serving)) if bad]
+            if what:
+                line = f"{name}: {', '.join(what)}"
+                if state.reason:
+                    line += f": {state.reason}"
+                problems.append(line)
+        return problems
+
+    def healthz(self) -> tuple[bool, str]:
+        """``(ok, text)`` for the liveness probe; ``text`` lists the problems, one a line."""
+        return _verdict(self._resource_problems())
+
+    def readyz(self) -> tuple[bool, str]:
+        """``(ok, text)`` for the readiness probe: :meth:`healthz`'s rule plus NVML up."""
+        problems = self._resource_problems()
+        if self._nvml_up is False:
+            problems.append(f"nvml: down: {self._nvml_reason}" if self._nvml_reason
+                            else "nvml: down")
+        return _verdict(problems)
+
+
+def _verdict(problems: list[str]) -> tuple[bool, str]:
+    if problems:
+        return False, "".join(f"{p}\n" for p in problems)
+    return True, "ok\n"
+
+
+# --- metrics -----------------------------------------------------------------------------
+
+
+class Metrics(Observer):
+    """The plugin's metrics on a :class:`prometheus_client.CollectorRegistry` of its own.
+
+    Implements :class:`~trio_gpu_plugin._observe.Observer`.  Every recording method is
+    synchronous, cheap and does no I/O, so the runtime can call it from any task.
+    :attr:`health` holds the probe state served next to the metrics;
+    :meth:`set_resource` and :meth:`forget_resource` update it.
+    """
+
+    def __init__(self) -> None:
+        self.registry: Final = CollectorRegistry(auto_describe=True)
+        self.health: Final = HealthStatus()
+        r = self.registry
+        self._registrations = Counter(
+            "trio_gpu_plugin_registrations_total",
+            "Successful registrations with the kubelet.", ["resource"], registry=r)
+        self._kubelet_restarts = Counter(
+            "trio_gpu_plugin_kubelet_restarts_total",
+            "Registration epochs ended because kubelet.sock was recreated or removed.",
+            ["resource"], registry=r)
+        self._rpc_requests = Counter(
+            "trio_gpu_plugin_rpc_requests_total",
+            "Device plugin gRPC requests handled, by outcome.",
+            ["method", "resource", "code"], registry=r)
+        self._rpc_duration = Histogram(
+            "trio_gpu_plugin_rpc_duration_seconds",
+            "Time to handle a device plugin gRPC request.",
+            ["method", "resource"], buckets=RPC_BUCKETS, registry=r)
+        self._nvml_events = Counter(
+            "trio_gpu_plugin_nvml_events_total",
+            "NVML health events received (xid is empty when the event is not an XID).",
+            ["kind", "xid"], registry=r)
+        self._health_transitions = Counter(
+            "trio_gpu_plugin_health_transitions_total",
+            "Health unit transitions, by the state entered.", ["to"], registry=r)
+        self._devices = Gauge(
+            "trio_gpu_plugin_devices",
+            "Devices advertised to the kubelet, by health.", ["resource", "health"],
+            registry=r)
+        self._nvml_up = Gauge(
+            "trio_gpu_plugin_nvml_up", "1 when NVML answers, 0 otherwise.", registry=r)
+        for to in ("healthy", "unhealthy"):
+            self._health_transitions.labels(to=to)
+
+    def registered(self, resource: str) -> None:
+        """Count a successful registration of ``resource`` with the kubelet."""
+        self._registrations.labels(resource=resource).inc()
+
+    def kubelet_restart(self, resource: str) -> None:
+        """Count an epoch of ``resource`` ended by kubelet.sock being recreated/removed."""
+        self._kubelet_restarts.labels(resource=resource).inc()
+
+    def rpc(self, method: str, resource: str, seconds: float, ok: bool) -> None:
+        """Record one gRPC request: ``method`` (e.g. ``"Allocate"``) took ``seconds``."""
+        self._rpc_requests.labels(
+            method=method, resource=resource, code="ok" if ok else "error").inc()
+        self._rpc_duration.labels(method=method, resource=resource).observe(seconds)
+
+    def nvml_event(self, xid: int | None, kind: str) -> None:
+        """Count an NVML event of ``kind`` (``"xid"``, ``"ecc-dbe"``,
+        ``"gpu-unavailable"``; others count as ``"other"``), with its XID code if any."""
+        self._nvml_events.labels(
+            kind=kind if kind in NVML_EVENT_KINDS else "other",
+            xid="" if xid is None else str(xid)).inc()
+
+    def health_transition(self, unit: str, healthy: bool, reason: str) -> None:
+        """Count a health unit becoming healthy or unhealthy.
+
+        ``unit`` and ``reason`` are accepted for the caller's convenience but not used as
+        labels (unbounded cardinality); the runtime logs them.
+        """
+        del unit, reason
+        self._health_transitions.labels(to="healthy" if healthy else "unhealthy").inc()
+
+    def set_devices(self, resource: str, healthy: int, unhealthy: int) -> None:
+        """Set how many devices of ``resource`` are advertised healthy and unhealthy."""
+        self._devices.labels(resource=resource, health="healthy").set(healthy)
+        self._devices.labels(resource=resource, health="unhealthy").set(unhealthy)
+
+    def forget_devices(self, resource: str) -> None:
+        """Drop ``resource``'s device gauges (the resource is gone)."""
+        for health in ("healthy", "unhealthy"):
+            try:
+                self._devices.remove(resource, health)
+            except KeyError:
+                pass
+
+    def set_resource(self, resource: str, registered: bool, serving: bool, reason: str) -> None:
+        """Record ``resource``'s registration and server state for the probes
+        (:meth:`HealthStatus.set_resource`)."""
+        self.health.set_resource(resource, registered, serving, reason)
+
+    def forget_resource(self, resource: str) -> None:
+        """``resource`` is no longer served: drop it from the probes and drop its device
+        gauges (its counters stay, as counters do)."""
+        self.health.forget_resource(resource)
+        self.forget_devices(resource)
+
+    def nvml_up(self, up: bool, reason: str = "") -> None:
+        """Set ``trio_gpu_plugin_nvml_up`` and the readiness NVML state."""
+        self._nvml_up.set(1 if up else 0)
+        self.health.set_nvml(up, reason)
+
+    def render(self) -> bytes:
+        """The registry in Prometheus' text exposition format."""
+        return prometheus_client.generate_latest(self.registry)
+
+
+# --- address -----------------------------------------------------------------------------
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT``, ``:PORT`` (every interface: host ``""``) or ``[IPV6]:PORT``.
+
+    Raises :class:`ValueError` naming the problem.
+    """
+    if not text:
+        raise ValueError("empty address: expected HOST:PORT, :PORT or [IPV6]:PORT")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: missing ']' after the IPv6 address")
+        host, rest = text[1:end], text[end + 1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} in brackets is not an IPv6 address") from None
+        if not rest.startswith(":"):
+            raise ValueError(f"{text!r}: missing ':PORT' after ']'")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{text!r}: missing ':PORT' (expected HOST:PORT or :PORT)")
+        if ":" in host:
+            raise ValueError(f"{text!r}: an IPv6 address needs brackets, e.g. [::1]:PORT")
+    if not port_text:
+        raise ValueError(f"{text!r}: missing port after ':'")
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{text!r}: port {port} is out of range 1-65535")
+    return host, port
+
+
+# --- HTTP server -------------------------------------------------------------------------
+
+
+async def serve_metrics(
+    metrics: Metrics,
+    host: str,
+    port: int,
+    *,
+    idle_timeout: float = IDLE_TIMEOUT,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Serve ``/healthz``, ``/readyz`` and ``/metrics`` on ``host:port`` until cancelled.
+
+    ``host`` ``""`` listens on every interface.  Reports the bound port through
+    ``task_status.started`` (of the first listener, when ``host`` resolves to several
+    addresses), so ``port`` 0 picks a free one.  Each connection runs in its own task; a
+    client that misbehaves is answered 400 (or 413/431) and disconnected without
+    disturbing the others, and one that sends nothing for ``idle_timeout`` seconds is
+    disconnected.
+    """
+    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    bound: int = listeners[0].socket.getsockname()[1]
+    log.debug("serving metrics and probes on %s port %d", host or "*", bound)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await _serve_connection(stream, metrics, idle_timeout)
+
+    task_status.started(bound)
+    await trio.serve_listeners(handler, listeners)
+
+
+async def _serve_connection(
+    stream: trio.abc.HalfCloseableStream, metrics: Metrics, idle_timeout: float
+) -> None:
+    """One client connection: requests answered in turn until either side closes."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+    try:
+        while True:
+            keep_going = False  # stays False when the idle timeout strikes
+            with trio.move_on_after(idle_timeout):
+                keep_going = await _exchange(stream, conn, metrics)
+            if not keep_going:
+                break
+        await _close_gracefully(stream)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client went away; serve_listeners closes the stream
+
+
+async def _next_event(
+    stream: trio.abc.ReceiveStream, conn: h11.Connection
+) -> h11.Event:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(bytes(await stream.receive_some(_RECEIVE_SIZE)))
+            continue
+        if event is h11.PAUSED:  # not reached: we answer before reading on
+            raise h11.RemoteProtocolError("pipelined request while paused")
+        assert isinstance(event, h11.Event)
+        return event
+
+
+async def _exchange(
+    stream: trio.abc.HalfCloseableStream, conn: h11.Connection, metrics: Metrics
+) -> bool:
+    """Read one request and answer it; ``True`` if the connection can take another."""
+    try:
+        request = await _next_event(stream, conn)
+        if not isinstance(request, h11.Request):  # ConnectionClosed: a clean goodbye
+            return False
+        body_size = 0
+        while True:
+            event = await _next_event(stream, conn)
+            if isinstance(event, h11.Data):
+                body_size += len(event.data)
+                if body_size > MAX_BODY_BYTES:
+                    await _respond(stream, conn, 413, b"request body too large\n",
+                                   close=True)
+                    return False
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                return False
+    except h11.RemoteProtocolError as exc:
+        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            status = exc.error_status_hint
+            await _respond(stream, conn, status, f"bad request: {exc}\n".encode(),
+                           close=True)
+        return False
+
+    status, headers, body = _route(request.method, request.target, metrics)
+    await _respond(stream, conn, status, body, headers=headers,
+                   head=request.method == b"HEAD")
+    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+        conn.start_next_cycle()
+        return True
+    return False
+
+
+def _route(
+    method: bytes, target: bytes, metrics: Metrics
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """``(status, extra headers, body)`` for a request; the body is dropped for HEAD."""
+    path = target.split(b"?", 1)[0]
+    if path not in (b"/healthz", b"/readyz", b"/metrics"):
+        return 404, [], b"not found\n"
+    if method not in (b"GET", b"HEAD"):
+        return 405, [(b"allow", b"GET, HEAD")], b"method not allowed\n"
+    if path == b"/metrics":
+        content_type = prometheus_client.CONTENT_TYPE_LATEST.encode("ascii")
+        return 200, [(b"content-type", content_type)], metrics.render()
+    ok, text = metrics.health.healthz() if path == b"/healthz" else metrics.health.readyz()
+    return (200 if ok else 503), [], text.encode("utf-8", "replace")
+
+
+async def _respond(
+    stream: trio.abc.SendStream,
+    conn: h11.Connection,
+    status: int,
+    body: bytes,
+    *,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    close: bool = False,
+    head: bool = False,
+) -> None:
+    """Send a whole response (no body after ``HEAD``; h11 takes care of that framing)."""
+    all_headers = [(b"server", _SERVER), (b"content-length", str(len(body)).encode())]
+    extra = headers or []
+    if not any(name == b"content-type" for name, _ in extra):
+        all_headers.append((b"content-type", _TEXT))
+    all_headers.extend(extra)
+    if close:
+        all_headers.append((b"connection", b"close"))
+    data = conn.send(h11.Response(status_code=status, headers=all_headers))
+    if body and not head:
+        data = (data or b"") + (conn.send(h11.Data(data=body)) or b"")
+    data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
+    await stream.send_all(data)
+
+async def _close_gracefully(stream: trio.abc.HalfCloseableStream) -> None:
+    """Half-close, then drain what the client still sends (briefly), so that closing with
+    unread data does not reset the connection before the client has read our answer."""
+    with trio.move_on_after(_CLOSE_GRACE):
+        await stream.send_eof()
+        while await stream.receive_some(_RECEIVE_SIZE):
+            pass
+    await stream.aclose()
