@@ -152,3 +152,25 @@ def test_the_cli_spells_presets_and_control_ops_as_the_simulator_does() -> None:
 
     assert list(_cli.PRESET_NAMES) == list(_nvml_sim.PRESETS)
     assert list(_cli.CONTROL_OPS) == list(_control.CONTROL_OPS)
+
+
+def test_every_command_in_the_readme_is_exercised() -> None:
+    """Each console command of the README runs here or is checked by a named test."""
+    readme = (ROOT / "README.md").read_text()
+    commands = [line[2:] for block in re.findall(r"```console\n(.*?)```", readme, flags=re.S)
+                for line in block.splitlines() if line.startswith("$ ")]
+    covered_elsewhere = {
+        # tests/test_deploy.py validates what these consume (no Docker engine or cluster here).
+        "docker build -t registry.example.com/trio-gpu-plugin:0.1.0 .": "test_deploy",
+        "kubectl apply -k k8s/": "test_deploy",
+        # tests/test_cli.py::test_an_injected_xid_shows_at_the_kubelet_and_survives_sighup.
+        "trio-gpu-plugin inject --control /run/tgp-control.sock xid --gpu 3 --xid 79": "test_cli",
+    }
+    run_here = [c for c in commands if c not in covered_elsewhere]
+    assert run_here == ["trio-gpu-plugin --simulate dgx-1 inspect"]
+    for command in run_here:
+        args = command.split()[1:]
+        result = subprocess.run([sys.executable, "-m", "trio_gpu_plugin", *args], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+    assert set(covered_elsewhere) <= set(commands)
