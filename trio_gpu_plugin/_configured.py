@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import trio
 
@@ -27,7 +27,7 @@ from ._allocate import (
 from ._config import Config, ConfigError
 from ._devices import DeviceInfo, Publish, Resource
 from ._node_model import NodeModel
-from ._nvml_source import NvmlNode
+from ._nvml_source import NvmlNode, follow
 from ._plan_model import PlannedResource
 from ._preferred import preferred_allocation
 from ._resources import PlanResult, parse_mig_minors, plan
@@ -139,7 +139,6 @@ class PlannedSource:
         self._model: NodeModel | None = None
         self._resource = PlannedResource(name=name, socket_name="", devices=())
         self._emptied = False
-        self._update: Callable[[], None] | None = None
         self._topology: Topology | None = None
         self._topology_model: NodeModel | None = None
 
@@ -185,29 +184,11 @@ class PlannedSource:
     async def run(self, publish: Publish, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Publish the device list once the node is up, then every change."""
-        await self.node.wait_model()
-        last: list[DeviceInfo] | None = None
-
-        def update() -> None:
-            nonlocal last
-            now = self.device_infos()
-            if now != last:
-                last = now
-                publish(now)
-
-        update()
-        self._update = update
-        unsubscribe = self.node.subscribe(update)
-        try:
-            task_status.started()
-            await trio.sleep_forever()
-        finally:
-            unsubscribe()
+        await follow(self.node, self.device_infos, publish, task_status=task_status)
 
     def publish_now(self) -> None:
         """Publish the current list at once (after :meth:`empty`)."""
-        if self._update is not None:
-            self._update()
+        self.node.notify()
 
     def allocate(self, device_ids: Sequence[str]) -> v1beta1.ContainerAllocateResponse:
         """What the container gets, per the configured strategies (NVIDIA's contents)."""

@@ -263,7 +263,8 @@ class NvmlNode:
         """A device source for one resource over this node."""
         return NvmlDeviceSource(self, select)
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
+        """Tell every subscriber to look again (they publish only what changed)."""
         for listener in list(self._listeners):
             listener()
 
@@ -342,7 +343,7 @@ class NvmlNode:
                             "" if failure == last_failure else f" ({_INIT_HINT})")
                 last_failure = failure
                 if self._mark(self._all_units(), f"NVML unavailable: {failure}"):
-                    self._notify()
+                    self.notify()
                 await trio.sleep(delay)
                 continue
             self._install(result)
@@ -361,7 +362,7 @@ class NvmlNode:
             log.warning("NVML failed: %s; all devices marked Unhealthy until it answers again",
                         failure)
             if self._mark(self._all_units(), f"NVML failed: {failure}"):
-                self._notify()
+                self.notify()
             delay = _backoff(attempt, self.retry_initial, self.retry_cap)
             attempt += 1
             log.warning("NVML: starting a new session in %.1f s", delay)
@@ -406,7 +407,7 @@ class NvmlNode:
                 self._mark(gpu_units(gpu), problem)
         self._ready.set()
         if not first or result.problems:
-            self._notify()
+            self.notify()
 
     async def _session(self, model: NodeModel, ready: Callable[[], None]) -> str:
         """Run the event and probe tasks until NVML fails; return how it failed.  Calls
@@ -497,12 +498,12 @@ class NvmlNode:
             for uuid, failure in failures.items():
                 changed |= self._mark(gpu_units(model.gpu(uuid)), failure)
             if changed:
-                self._notify()
+                self.notify()
             task_status.started()
 
             def deliver(event: _Event) -> None:
                 if self._on_event(model, event):
-                    self._notify()
+                    self.notify()
 
             stop = threading.Event()
 
@@ -624,7 +625,31 @@ class NvmlNode:
                 elif unit in unhealthy:
                     changed |= self._log(self.tracker.probe_ok(unit, now, pending))
             if changed:
-                self._notify()
+                self.notify()
+
+
+async def follow(node: NvmlNode, device_infos: Callable[[], list[DeviceInfo]], publish: Publish, *,
+                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Publish ``device_infos()`` once ``node`` is up, then again whenever the node says
+    something changed and the list differs; until cancelled.  The ``run`` of device
+    sources over a node."""
+    await node.wait_model()
+    last: list[DeviceInfo] | None = None
+
+    def update() -> None:
+        nonlocal last
+        now = device_infos()
+        if now != last:
+            last = now
+            publish(now)
+
+    update()
+    unsubscribe = node.subscribe(update)
+    try:
+        task_status.started()
+        await trio.sleep_forever()
+    finally:
+        unsubscribe()
 
 
 class NvmlDeviceSource:
@@ -657,23 +682,7 @@ class NvmlDeviceSource:
     async def run(self, publish: Publish, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Publish the device list once the node is up, then every change."""
-        await self.node.wait_model()
-        last: list[DeviceInfo] | None = None
-
-        def update() -> None:
-            nonlocal last
-            now = self.device_infos()
-            if now != last:
-                last = now
-                publish(now)
-
-        update()
-        unsubscribe = self.node.subscribe(update)
-        try:
-            task_status.started()
-            await trio.sleep_forever()
-        finally:
-            unsubscribe()
+        await follow(self.node, self.device_infos, publish, task_status=task_status)
 
     def allocate(self, device_ids: Sequence[str]) -> v1beta1.ContainerAllocateResponse:
         """NVIDIA's ``envvar`` strategy."""
