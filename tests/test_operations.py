@@ -51,7 +51,30 @@ async def test_healthz_readyz_and_metrics_follow_registration_and_an_xid(
          "--simulate", "pcie-4", "--simulate-control", control,
          "--metrics-address", f"127.0.0.1:{port}"],
         cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+        stderr=subprocess.PIPE)
+    assert process.stderr is not None
+    logs = b""
+
+    async def collect() -> None:
+        nonlocal logs
+        assert process.stderr is not None
+        while chunk := await process.stderr.receive_some():
+            logs += chunk
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(collect)
+        await scrape_and_break(fake_kubelet, process, port, control)
+    await process.stderr.aclose()
+    # One line a person can act on for each event: registration, the restart and its
+    # trigger, the health transition with its XID and meaning.
+    text = logs.decode()
+    assert "nvidia.com/gpu: registered with the kubelet as" in text
+    assert "nvidia.com/gpu: starting over:" in text and "(the kubelet restarted)" in text
+    assert "GPU 1 (GPU-" in text and "is unhealthy: XID 79 (GPU has fallen off the bus)" in text
+    assert text.count("is unhealthy") == 1
+
+
+async def scrape_and_break(fake_kubelet: FakeKubelet, process: trio.Process, port: int,
+                           control: str) -> None:
     try:
         await fake_kubelet.wait_registered("nvidia.com/gpu", timeout=GUARD)
         with trio.fail_after(GUARD):
