@@ -68,3 +68,12 @@ async def test_a_lost_gpu_shows_unhealthy_with_its_reason(tmp_path: pathlib.Path
     assert data["unhealthy"] == 1
     text = render_text(data)
     assert "3 healthy" in text and "Unhealthy (XID 79 (GPU has fallen off the bus))" in text
+
+
+def test_inspect_piped_into_head_exits_cleanly() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SIMULATE"}
+    result = subprocess.run(
+        f"{sys.executable} -m trio_gpu_plugin --log-level error --simulate dgx-1 inspect | head -1",
+        shell=True, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert result.stdout.startswith("driver ")
+    assert "Traceback" not in result.stderr

@@ -369,7 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ._inspect import inspect_node, render_json, render_text
 
             data = trio.run(inspect_node, node, setup)
-            print(render_json(data) if args.json else render_text(data))
+            try:
+                print(render_json(data) if args.json else render_text(data), flush=True)
+            except BrokenPipeError:
+                # Piped into head or less and cut short: not an error of ours.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 1 if data["unhealthy"] else 0
         return trio.run(serve, settings, setup, node, simulated, simulate_control, metrics)
     except (ConfigError, ValueError) as exc:
