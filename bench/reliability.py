@@ -33,12 +33,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import pathlib
 import platform
 import random
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -357,6 +360,125 @@ async def run_load(args: argparse.Namespace) -> list[str]:
     return report.problems()
 
 
+# --- shutdown: SIGTERM under load, SIGKILL and restart ------------------------------
+
+SHUTDOWN_BOUND_S = 1.0
+#: Process start to registration (spawn, imports, NVML, serve, Register): ~0.5 s here.
+RESTART_BOUND_S = 5.0
+
+
+@dataclasses.dataclass
+class ShutdownReport:
+    """What SIGTERM under load and SIGKILL-then-restart showed, per round."""
+
+    term_exit_s: list[float] = dataclasses.field(default_factory=list)
+    term_codes: list[int] = dataclasses.field(default_factory=list)
+    sockets_left: int = 0
+    admissions_during: int = 0
+    stale_after_kill: int = 0
+    restart_register_s: list[float] = dataclasses.field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        out = []
+        if any(code != 0 for code in self.term_codes):
+            out.append(f"SIGTERM exit codes {self.term_codes}")
+        if self.term_exit_s and max(self.term_exit_s) >= SHUTDOWN_BOUND_S:
+            out.append(f"SIGTERM -> exit took {max(self.term_exit_s):.2f} s (bound {SHUTDOWN_BOUND_S} s)")
+        if self.sockets_left:
+            out.append(f"{self.sockets_left} plugin socket(s) left after SIGTERM")
+        if self.restart_register_s and max(self.restart_register_s) >= RESTART_BOUND_S:
+            out.append(f"restart -> registered took {max(self.restart_register_s):.2f} s "
+                       f"(bound {RESTART_BOUND_S} s)")
+        return out
+
+
+async def _spawn(kubelet: FakeKubelet, config: pathlib.Path) -> trio.Process:
+    env = {k: v for k, v in os.environ.items() if k not in ("SIMULATE", "KUBELET_SOCKET")}
+    return await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_gpu_plugin", "--log-level", "error", "--simulate", "dgx-a100",
+         "--config-file", str(config), "--kubelet-socket", str(kubelet.kubelet_socket)],
+        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+
+
+async def _hammer(path: pathlib.Path, ids: list[str], stop: trio.Event, counter: list[int]) -> None:
+    """Admissions as fast as they go, until ``stop`` or the plugin goes away."""
+    try:
+        async with open_unix_channel(path) as channel:
+            while not stop.is_set():
+                await channel.unary(v1beta1.DEVICE_PLUGIN, "Allocate", v1beta1.AllocateRequest(
+                    container_requests=[v1beta1.ContainerAllocateRequest(devices_ids=ids[:1])]),
+                    timeout=RPC_TIMEOUT_S)
+                counter[0] += 1
+    except (OSError, RpcError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the plugin is stopping: exactly what is being measured
+
+
+async def shutdown(rounds: int = 5, clients: int = 20) -> ShutdownReport:
+    """SIGTERM while ``clients`` connections allocate; then SIGKILL and a restart."""
+    report = ShutdownReport()
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="tgp-rel-", dir="/tmp"))
+    config = directory / "config.yaml"
+    config.write_text(json.dumps(TIME_SLICING))
+    socket = directory / "kubelet" / "nvidia-gpu.shared.sock"
+    (directory / "kubelet").mkdir()
+    try:
+        kubelet = FakeKubelet(directory / "kubelet")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(kubelet.run)
+            registrations = 0
+            for _ in range(rounds):
+                process = await _spawn(kubelet, config)
+                registrations += 1
+                await kubelet.wait_registered(RESOURCE, count=registrations, timeout=30)
+                ids = sorted(kubelet.resources[RESOURCE].healthy)
+                stop, counter = trio.Event(), [0]
+                async with trio.open_nursery() as load:
+                    for _ in range(clients):
+                        load.start_soon(_hammer, socket, ids, stop, counter)
+                    await trio.sleep(0.3)  # under load
+                    sent = time.perf_counter()
+                    process.send_signal(signal.SIGTERM)
+                    with trio.fail_after(30):
+                        code = await process.wait()
+                    report.term_exit_s.append(time.perf_counter() - sent)
+                    report.term_codes.append(code)
+                    stop.set()
+                report.admissions_during += counter[0]
+                report.sockets_left += socket.exists()
+            # SIGKILL leaves the socket file behind; the next process must replace it.
+            process = await _spawn(kubelet, config)
+            registrations += 1
+            await kubelet.wait_registered(RESOURCE, count=registrations, timeout=30)
+            process.kill()
+            await process.wait()
+            report.stale_after_kill = int(socket.exists())
+            started = time.perf_counter()
+            process = await _spawn(kubelet, config)
+            registrations += 1
+            await kubelet.wait_registered(RESOURCE, count=registrations, timeout=30)
+            report.restart_register_s.append(time.perf_counter() - started)
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(30):
+                report.term_codes.append(await process.wait())
+            nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return report
+
+
+async def run_shutdown(args: argparse.Namespace) -> list[str]:
+    report = await shutdown(args.rounds, args.clients)
+    line("SIGTERM under load -> exit", [s * 1000 for s in report.term_exit_s],
+         f"[< {SHUTDOWN_BOUND_S * 1000:.0f} ms, exit 0, sockets removed]", width=32)
+    print(f"{'':<32} exit codes {sorted(set(report.term_codes))}, sockets left "
+          f"{report.sockets_left}, {report.admissions_during} Allocates answered meanwhile")
+    print(f"{'SIGKILL then restart':<32} stale socket left by SIGKILL: "
+          f"{'yes' if report.stale_after_kill else 'no'}; new process registered in "
+          f"{report.restart_register_s[0] * 1000:.0f} ms [< {RESTART_BOUND_S:.0f} s]")
+    return report.problems()
+
+
 # --- command line ---------------------------------------------------------------------
 
 Section = Callable[[argparse.Namespace], Awaitable[list[str]]]
@@ -370,8 +492,15 @@ def add_load(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(section=run_load)
 
 
+def add_shutdown(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("shutdown", help="SIGTERM under load; SIGKILL and restart")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--clients", type=int, default=20)
+    p.set_defaults(section=run_shutdown)
+
+
 #: One entry per section: adds its subcommand (which sets ``section``).
-SECTIONS = [add_load]
+SECTIONS = [add_load, add_shutdown]
 
 
 def main() -> int:

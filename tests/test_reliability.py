@@ -43,3 +43,14 @@ async def test_load_burst_with_health_events_answers_correctly_within_bounds() -
 
 def test_expected_visible_devices_are_the_gpus_in_order_once_each() -> None:
     assert reliability.expected_visible(["GPU-b::3", "GPU-a::0", "GPU-b::1"]) == "GPU-b,GPU-a"
+
+
+async def test_sigterm_under_load_exits_0_quickly_and_sigkill_then_restart_recovers() -> None:
+    with trio.fail_after(60):
+        report = await reliability.shutdown(rounds=2, clients=10)
+    assert report.problems() == []
+    assert report.term_codes == [0, 0, 0] and report.sockets_left == 0
+    assert max(report.term_exit_s) < reliability.SHUTDOWN_BOUND_S
+    assert report.admissions_during > 0  # it was under load when told to stop
+    assert report.stale_after_kill == 1  # SIGKILL left the socket; the restart replaced it
+    assert report.restart_register_s[0] < reliability.RESTART_BOUND_S
