@@ -554,6 +554,9 @@ class FakeKubelet:
                 await self._list_and_watch(client, channel)
         finally:
             client.stopped = True
+            # The connection is closed: drop it, or the registration history (kept for
+            # tests to inspect) holds every closed connection's HTTP/2 state forever.
+            client.channel = None
             if not client.outcome.is_set():
                 if client.error is None:
                     client.error = "the kubelet failed while handling this registration"
