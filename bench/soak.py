@@ -1,0 +1,432 @@
+"""Soak: a long run of churn on one in-process node, watching for leaks and stale state.
+
+The reliability issue's soak item: 30 minutes (``--seconds 1800``; CI runs a shorter
+variant, see ``tests/test_soak.py``) of churn against the configured plugin on the
+16-GPU simulated node of ``bench/reliability.py`` (time-slicing, 10 replicas,
+``nvidia.com/gpu.shared``), served to the test kit's FakeKubelet, all in ONE process:
+
+* the kubelet restarts every 2-3 s; each restart must be followed by a new accepted
+  registration (with its first ListAndWatch message) within ``REREGISTER_BOUND_S``
+  (5 s), else it counts as a *missed re-registration*;
+* an XID 79 on a random GPU every ~0.5 s, and a reset (``recover``) of that GPU
+  0.1-0.6 s later (the node's 0.3 s recovery window then brings it back);
+* a config reload every ~5 s.  In-process this is ``DevicePlugin.restart("reload")``:
+  what the CLI's SIGHUP handler does after re-reading the config (end every epoch, serve
+  and register again; the config file itself is not re-read here since it never changes).
+  It must also be followed by a re-registration within the bound.  Kubelet restarts and
+  reloads are serialized so each can be matched to its registration;
+* admissions continuously: admit 1-4 devices, hold them 0-0.5 s, release.  Rejections
+  are expected while the kubelet restarts or a GPU is unhealthy and are only counted.
+
+Sampled every second: RSS (VmRSS), open fds, threads, trio tasks (the whole task tree).
+After a warm-up (the first 20% of samples) a least-squares slope per minute is fitted
+to each metric; reported with the max.  The run fails (``Report.problems()``) when:
+
+* RSS grows faster than ``RSS_SLOPE_LIMIT_MIB_PER_MIN`` after the warm-up;
+* fds, tasks or threads, sampled once the churn stopped and the node settled, exceed
+  their warm-up max plus a small slack;
+* any re-registration was missed;
+* after the churn stops, every GPU reset and all admissions released, the kubelet's
+  table does not match the plugin's published devices, all healthy, within
+  ``SETTLE_BOUND_S`` (stale device state).
+
+Run from the repository root: ``python bench/soak.py [--seconds 1800] [--seed N]
+[--json]``; exits 1 on any problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import reliability as rel
+
+from trio_gpu_plugin._config import resolve_config
+from trio_gpu_plugin._configured import NodeSetup
+from trio_gpu_plugin._health import HealthChecks
+from trio_gpu_plugin._nvml_sim import SimulatedNVML
+from trio_gpu_plugin._nvml_source import NvmlNode
+from trio_gpu_plugin._runtime import DevicePlugin
+from trio_gpu_plugin.testing import FakeKubelet
+from trio_gpu_plugin.testing._fake_kubelet import Admission, AdmissionError
+
+RESOURCE = rel.RESOURCE
+REPLICAS = rel.REPLICAS
+RECOVERY_WINDOW_S = 0.3
+PROBE_INTERVAL_S = 0.05
+
+KUBELET_RESTART_S = (2.0, 3.0)
+XID_INTERVAL_S = 0.5
+RESET_DELAY_S = (0.1, 0.6)
+RELOAD_INTERVAL_S = 5.0
+HOLD_S = (0.0, 0.5)
+#: A kubelet restart or reload must be followed by a new registration within this.
+REREGISTER_BOUND_S = 5.0
+#: After the churn: everything healthy and matching within this.
+SETTLE_BOUND_S = 5.0
+SAMPLE_INTERVAL_S = 1.0
+WARMUP_FRACTION = 0.2
+RSS_SLOPE_LIMIT_MIB_PER_MIN = 1.0
+#: How far above its warm-up max each count may be once settled.
+SLACK = {"fds": 8, "tasks": 20, "threads": 2}
+METRICS = ("rss_mib", "fds", "tasks", "threads")
+
+
+# --- sampling -------------------------------------------------------------------------
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def trio_tasks() -> int:
+    count = 0
+    root = trio.lowlevel.current_root_task()
+    stack = [root] if root is not None else []
+    while stack:
+        task = stack.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return count
+
+
+def sample() -> dict[str, float]:
+    return {"rss_mib": rss_mib(), "fds": open_fds(), "tasks": trio_tasks(),
+            "threads": threading.active_count()}
+
+
+def slope_per_minute(times: list[float], values: list[float]) -> float:
+    """Least-squares slope of ``values`` over ``times`` (seconds), per minute."""
+    n = len(times)
+    if n < 2:
+        return 0.0
+    mt, mv = sum(times) / n, sum(values) / n
+    den = sum((t - mt) ** 2 for t in times)
+    if not den:
+        return 0.0
+    return 60 * sum((t - mt) * (v - mv) for t, v in zip(times, values)) / den
+
+
+# --- the report -----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Report:
+    seconds: float
+    seed: int
+    samples: list[dict[str, float]] = dataclasses.field(default_factory=list)  # with "t"
+    settled: dict[str, float] = dataclasses.field(default_factory=dict)
+    kubelet_restarts: int = 0
+    reloads: int = 0
+    reregister_s: list[float] = dataclasses.field(default_factory=list)
+    missed: list[str] = dataclasses.field(default_factory=list)  # missed re-registrations
+    xids: int = 0
+    resets: int = 0
+    admitted: int = 0
+    rejected: int = 0
+    rejections: dict[str, int] = dataclasses.field(default_factory=dict)  # by first words
+    stale: list[str] = dataclasses.field(default_factory=list)
+    settle_s: float | None = None
+
+    def _after_warmup(self) -> list[dict[str, float]]:
+        skip = int(len(self.samples) * WARMUP_FRACTION)
+        return self.samples[skip:]
+
+    def _warmup(self) -> list[dict[str, float]]:
+        skip = max(1, int(len(self.samples) * WARMUP_FRACTION))
+        return self.samples[:skip]
+
+    def trends(self) -> dict[str, dict[str, float]]:
+        after = self._after_warmup()
+        warm = self._warmup()
+        out = {}
+        for m in METRICS:
+            out[m] = {
+                "slope_per_min": slope_per_minute([s["t"] for s in after], [s[m] for s in after]),
+                "max": max((s[m] for s in self.samples), default=0.0),
+                "warmup_max": max((s[m] for s in warm), default=0.0),
+                "first": self.samples[0][m] if self.samples else 0.0,
+                "last": self.samples[-1][m] if self.samples else 0.0,
+                "settled": self.settled.get(m, 0.0),
+            }
+        return out
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        if len(self.samples) < 5:
+            out.append(f"only {len(self.samples)} samples")
+        trends = self.trends()
+        rss = trends["rss_mib"]["slope_per_min"]
+        if rss > RSS_SLOPE_LIMIT_MIB_PER_MIN:
+            out.append(f"RSS grows {rss:.2f} MiB/min after warm-up "
+                       f"(limit {RSS_SLOPE_LIMIT_MIB_PER_MIN:g})")
+        for m, slack in SLACK.items():
+            t = trends[m]
+            if t["settled"] > t["warmup_max"] + slack:
+                out.append(f"{m}: {t['settled']:g} once settled > warm-up max "
+                           f"{t['warmup_max']:g} + {slack}")
+        out.extend(f"missed re-registration: {m}" for m in self.missed[:10])
+        if not self.kubelet_restarts or not self.reloads:
+            out.append(f"too little churn: {self.kubelet_restarts} kubelet restarts, "
+                       f"{self.reloads} reloads")
+        if not self.admitted:
+            out.append("no admission succeeded")
+        out.extend(f"stale: {s}" for s in self.stale[:10])
+        return out
+
+
+# --- the node -------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Node:
+    nvml: SimulatedNVML
+    node: NvmlNode
+    kubelet: FakeKubelet
+    plugin: DevicePlugin
+    uuids: list[str]
+
+
+async def serve(nursery: trio.Nursery, directory: pathlib.Path) -> Node:
+    """``reliability.serve_node``, keeping the DevicePlugin (to reload it)."""
+    kubelet = FakeKubelet(directory / "kubelet")
+    (directory / "kubelet").mkdir()
+    await nursery.start(kubelet.run)
+    nvml = SimulatedNVML(rel.SIXTEEN)
+    root = directory / "root"
+    root.mkdir()
+    nvml.write_driver_root(root)
+    config, _ = resolve_config({}, {}, rel.TIME_SLICING)
+    node = NvmlNode(nvml, root=root, checks=HealthChecks(), recovery_window=RECOVERY_WINDOW_S,
+                    probe_interval=PROBE_INTERVAL_S)
+    await nursery.start(node.run)
+    setup = NodeSetup.read(config, root)
+    model = await node.wait_model()
+    plugin = DevicePlugin(setup.resources(node, setup.plan(model)),
+                          kubelet_socket=kubelet.kubelet_socket)
+    await nursery.start(plugin.run)
+    await kubelet.wait_registered(RESOURCE)
+    return Node(nvml, node, kubelet, plugin, [g.uuid for g in model.gpus])
+
+
+def accepted(kubelet: FakeKubelet) -> int:
+    return sum(1 for r in kubelet.registrations if r.accepted and r.resource_name == RESOURCE)
+
+
+def stale_state(n: Node) -> list[str]:
+    """Differences between the kubelet's table and the plugin's devices, all healthy."""
+    view = n.kubelet.resources.get(RESOURCE)
+    published = n.plugin.services[RESOURCE].devices
+    out = []
+    if view is None:
+        return ["the kubelet has no table"]
+    if not view.connected:
+        out.append("the kubelet's endpoint is not connected")
+    if len(published) != len(n.uuids) * REPLICAS:
+        out.append(f"plugin publishes {len(published)} devices, want {len(n.uuids) * REPLICAS}")
+    sick = sorted(i for i, d in published.items() if not d.healthy)
+    if sick:
+        out.append(f"plugin still publishes {len(sick)} unhealthy: {sick[:3]}")
+    if view.unhealthy:
+        out.append(f"kubelet table has {len(view.unhealthy)} unhealthy: {sorted(view.unhealthy)[:3]}")
+    if view.healthy != set(published):
+        out.append(f"kubelet healthy set ({len(view.healthy)}) != plugin's devices "
+                   f"({len(published)}): missing {sorted(set(published) - view.healthy)[:3]}, "
+                   f"extra {sorted(view.healthy - set(published))[:3]}")
+    if view.allocated:
+        out.append(f"{len(view.allocated)} devices still allocated after every release")
+    return out
+
+
+# --- the scenario ---------------------------------------------------------------------
+
+async def soak(seconds: float, seed: int = 1) -> Report:
+    """Run the soak for ``seconds`` of churn in a temporary directory; return the report."""
+    quiet = logging.getLogger("trio_gpu_plugin")
+    level = quiet.level
+    # Thousands of expected warnings (rejected pods, kubelet gone): keep them out of any
+    # log capture, whose growth would otherwise show up as an RSS trend.
+    quiet.setLevel(logging.ERROR)
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="tgp-soak-", dir="/tmp"))
+    try:
+        async with trio.open_nursery() as nursery:
+            n = await serve(nursery, directory)
+            report = await _soak(n, seconds, random.Random(seed), Report(seconds, seed))
+            nursery.cancel_scope.cancel()
+        return report
+    finally:
+        quiet.setLevel(level)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _soak(n: Node, seconds: float, rng: random.Random, report: Report) -> Report:
+    kubelet = n.kubelet
+    reregister = trio.Lock()  # one kubelet restart or reload at a time
+    held: set[Admission] = set()
+    start = trio.current_time()
+
+    async def churn_once(what: str, action: Callable[[], Awaitable[None]]) -> None:
+        async with reregister:
+            before = accepted(kubelet)
+            at = trio.current_time()
+            await action()
+            try:
+                await kubelet.wait_registered(RESOURCE, count=before + 1,
+                                              timeout=REREGISTER_BOUND_S)
+            except trio.TooSlowError:
+                report.missed.append(f"{what} at t={at - start:.1f}s: no registration "
+                                     f"within {REREGISTER_BOUND_S:g} s")
+                return
+            report.reregister_s.append(trio.current_time() - at)
+
+    async def kubelet_restarts() -> None:
+        while True:
+            await trio.sleep(rng.uniform(*KUBELET_RESTART_S))
+            await churn_once("kubelet restart", kubelet.restart)
+            report.kubelet_restarts += 1
+
+    async def reloads() -> None:
+        async def reload() -> None:
+            n.plugin.restart("reload")  # what SIGHUP does once the config is re-read
+
+        while True:
+            await trio.sleep(RELOAD_INTERVAL_S * rng.uniform(0.8, 1.2))
+            await churn_once("reload", reload)
+            report.reloads += 1
+
+    async def reset_later(index: int, delay: float) -> None:
+        await trio.sleep(delay)
+        n.nvml.recover(index)
+        report.resets += 1
+
+    async def xids(nursery: trio.Nursery) -> None:
+        while True:
+            await trio.sleep(XID_INTERVAL_S * rng.uniform(0.5, 1.5))
+            index = rng.randrange(len(n.uuids))
+            n.nvml.xid(index, 79)
+            report.xids += 1
+            nursery.start_soon(reset_later, index, rng.uniform(*RESET_DELAY_S))
+
+    async def hold(admission: Admission) -> None:
+        try:
+            await trio.sleep(rng.uniform(*HOLD_S))
+        finally:
+            held.discard(admission)
+            kubelet.release(admission)
+
+    async def admissions(nursery: trio.Nursery) -> None:
+        i = 0
+        while True:
+            i += 1
+            try:
+                admission = await kubelet.admit(RESOURCE, rng.randint(1, 4), pod=f"p{i}")
+            except AdmissionError as exc:
+                report.rejected += 1
+                key = " ".join(exc.message.split()[:4])
+                report.rejections[key] = report.rejections.get(key, 0) + 1
+                await trio.sleep(0.02)
+                continue
+            report.admitted += 1
+            held.add(admission)
+            nursery.start_soon(hold, admission)
+            await trio.sleep(0.01)
+
+    async def sampler() -> None:
+        while True:
+            s = sample()
+            s["t"] = trio.current_time() - start
+            report.samples.append(s)
+            await trio.sleep(SAMPLE_INTERVAL_S)
+
+    async with trio.open_nursery() as churn:
+        churn.start_soon(sampler)
+        churn.start_soon(kubelet_restarts)
+        churn.start_soon(reloads)
+        churn.start_soon(xids, churn)
+        churn.start_soon(admissions, churn)
+        await trio.sleep(seconds)
+        # Let an in-flight restart/reload finish its check rather than cancel it mid-way.
+        async with reregister:
+            churn.cancel_scope.cancel()
+    # Cancelling ran each holder's finally: every admission is released.
+    for index in range(len(n.uuids)):
+        n.nvml.recover(index)
+    at = trio.current_time()
+    try:
+        await kubelet.wait_until(lambda: not stale_state(n), timeout=SETTLE_BOUND_S)
+        report.settle_s = trio.current_time() - at
+    except trio.TooSlowError:
+        report.stale = stale_state(n)
+    # A few quiet seconds so transient tasks/fds of the last churn go away, then sample.
+    await trio.sleep(2.0)
+    if not report.stale:
+        report.stale = stale_state(n)  # still right after the quiet spell
+    report.settled = sample()
+    return report
+
+
+# --- CLI ------------------------------------------------------------------------------
+
+def render(report: Report) -> str:
+    lines = [rel.environment(),
+             (f"soak {report.seconds:g} s, seed {report.seed}: {len(report.samples)} samples; "
+             f"{report.kubelet_restarts} kubelet restarts, {report.reloads} reloads, "
+             f"{report.xids} XIDs / {report.resets} resets, {report.admitted} admitted / "
+             f"{report.rejected} rejected")]
+    if report.reregister_s:
+        rr = sorted(report.reregister_s)
+        lines.append(f"re-registration: p50 {rr[len(rr) // 2] * 1000:.0f} ms, "
+                     f"max {rr[-1] * 1000:.0f} ms, missed {len(report.missed)}")
+    lines.append(f"rejections: {report.rejections}")
+    for m, t in report.trends().items():
+        lines.append(f"{m:8} slope {t['slope_per_min']:+.3f}/min  max {t['max']:g}  "
+                     f"first {t['first']:g}  warm-up max {t['warmup_max']:g}  "
+                     f"last {t['last']:g}  settled {t['settled']:g}")
+    lines.append(f"settled in {report.settle_s:.3f} s" if report.settle_s is not None
+                 else "did NOT settle")
+    problems = report.problems()
+    lines.append("PASS" if not problems else "FAIL:\n  " + "\n  ".join(problems))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=1800.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="also print the report as JSON")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    report = trio.run(soak, args.seconds, args.seed)
+    print(render(report))
+    print(f"# wall {time.perf_counter() - started:.1f} s")
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(report), "trends": report.trends(),
+                          "problems": report.problems()}))
+    return 1 if report.problems() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
