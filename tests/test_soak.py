@@ -9,11 +9,12 @@ warm-up, no missed re-registration, no stale device state once the churn stops.
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
+import subprocess
 import sys
 import types
 
-import trio
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -34,16 +35,21 @@ def load_bench() -> types.ModuleType:
 soak = load_bench()
 
 
-async def test_soak_churn_has_no_leak_no_missed_registration_no_stale_state() -> None:
-    with trio.fail_after(SOAK_CI_SECONDS + 60):  # hang guard
-        report = await soak.soak(SOAK_CI_SECONDS, seed=3)
-    assert report.problems() == [], soak.render(report)
-    assert report.missed == [] and report.stale == []
-    assert report.kubelet_restarts >= 15 and report.reloads >= 8
-    assert len(report.reregister_s) == report.kubelet_restarts + report.reloads
-    assert max(report.reregister_s) < soak.REREGISTER_BOUND_S
-    assert report.xids > 50 and report.admitted > 0
-    assert len(report.samples) >= SOAK_CI_SECONDS * 0.9
+def test_soak_churn_has_no_leak_no_missed_registration_no_stale_state() -> None:
+    # In a process of its own: pytest's process carries every other test's garbage and
+    # log capture, which would be measured as the plugin's memory trend.
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "soak.py"), "--seconds", str(SOAK_CI_SECONDS),
+         "--seed", "3", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=SOAK_CI_SECONDS + 120)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert result.returncode == 0 and report["problems"] == [], result.stdout
+    assert report["missed"] == [] and report["stale"] == []
+    assert report["kubelet_restarts"] >= 15 and report["reloads"] >= 8
+    assert len(report["reregister_s"]) == report["kubelet_restarts"] + report["reloads"]
+    assert max(report["reregister_s"]) < soak.REREGISTER_BOUND_S
+    assert report["xids"] > 50 and report["admitted"] > 0
+    assert len(report["samples"]) >= SOAK_CI_SECONDS * 0.9
 
 
 def test_slope_is_least_squares_per_minute() -> None:
