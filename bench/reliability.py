@@ -108,6 +108,7 @@ class Served:
     kubelet: FakeKubelet
     socket: pathlib.Path
     uuids: list[str]  # GPU UUIDs by index
+    plugin: DevicePlugin
 
 
 async def serve_node(nursery: trio.Nursery, directory: pathlib.Path, spec: SimNodeSpec,
@@ -135,7 +136,7 @@ async def serve_node(nursery: trio.Nursery, directory: pathlib.Path, spec: SimNo
     await kubelet.wait_registered(resource)
     endpoint = kubelet.resources[resource].endpoint
     return Served(nvml, node, kubelet, kubelet.socket_dir / pathlib.Path(endpoint).name,
-                  [g.uuid for g in model.gpus])
+                  [g.uuid for g in model.gpus], plugin)
 
 
 # --- load -----------------------------------------------------------------------------

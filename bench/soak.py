@@ -58,12 +58,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import reliability as rel
 
-from trio_gpu_plugin._config import resolve_config
-from trio_gpu_plugin._configured import NodeSetup
-from trio_gpu_plugin._health import HealthChecks
-from trio_gpu_plugin._nvml_sim import SimulatedNVML
-from trio_gpu_plugin._nvml_source import NvmlNode
-from trio_gpu_plugin._runtime import DevicePlugin
 from trio_gpu_plugin.testing import FakeKubelet
 from trio_gpu_plugin.testing._fake_kubelet import Admission, AdmissionError
 
@@ -201,42 +195,17 @@ class Report:
 
 # --- the node -------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Node:
-    nvml: SimulatedNVML
-    node: NvmlNode
-    kubelet: FakeKubelet
-    plugin: DevicePlugin
-    uuids: list[str]
-
-
-async def serve(nursery: trio.Nursery, directory: pathlib.Path) -> Node:
-    """``reliability.serve_node``, keeping the DevicePlugin (to reload it)."""
-    kubelet = FakeKubelet(directory / "kubelet")
-    (directory / "kubelet").mkdir()
-    await nursery.start(kubelet.run)
-    nvml = SimulatedNVML(rel.SIXTEEN)
-    root = directory / "root"
-    root.mkdir()
-    nvml.write_driver_root(root)
-    config, _ = resolve_config({}, {}, rel.TIME_SLICING)
-    node = NvmlNode(nvml, root=root, checks=HealthChecks(), recovery_window=RECOVERY_WINDOW_S,
-                    probe_interval=PROBE_INTERVAL_S)
-    await nursery.start(node.run)
-    setup = NodeSetup.read(config, root)
-    model = await node.wait_model()
-    plugin = DevicePlugin(setup.resources(node, setup.plan(model)),
-                          kubelet_socket=kubelet.kubelet_socket)
-    await nursery.start(plugin.run)
-    await kubelet.wait_registered(RESOURCE)
-    return Node(nvml, node, kubelet, plugin, [g.uuid for g in model.gpus])
+async def serve(nursery: trio.Nursery, directory: pathlib.Path) -> rel.Served:
+    """The reliability bench's 16-GPU time-sliced node; its ``plugin`` is reloaded."""
+    return await rel.serve_node(nursery, directory, rel.SIXTEEN, rel.TIME_SLICING, RESOURCE,
+                                recovery_window=RECOVERY_WINDOW_S, probe_interval=PROBE_INTERVAL_S)
 
 
 def accepted(kubelet: FakeKubelet) -> int:
     return sum(1 for r in kubelet.registrations if r.accepted and r.resource_name == RESOURCE)
 
 
-def stale_state(n: Node) -> list[str]:
+def stale_state(n: rel.Served) -> list[str]:
     """Differences between the kubelet's table and the plugin's devices, all healthy."""
     view = n.kubelet.resources.get(RESOURCE)
     published = n.plugin.services[RESOURCE].devices
@@ -282,7 +251,7 @@ async def soak(seconds: float, seed: int = 1) -> Report:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-async def _soak(n: Node, seconds: float, rng: random.Random, report: Report) -> Report:
+async def _soak(n: rel.Served, seconds: float, rng: random.Random, report: Report) -> Report:
     kubelet = n.kubelet
     reregister = trio.Lock()  # one kubelet restart or reload at a time
     held: set[Admission] = set()
