@@ -10,11 +10,13 @@ variant, see ``tests/test_soak.py``) of churn against the configured plugin on t
   (5 s), else it counts as a *missed re-registration*;
 * an XID 79 on a random GPU every ~0.5 s, and a reset (``recover``) of that GPU
   0.1-0.6 s later (the node's 0.3 s recovery window then brings it back);
-* a config reload every ~5 s.  In-process this is ``DevicePlugin.restart("reload")``:
-  what the CLI's SIGHUP handler does after re-reading the config (end every epoch, serve
-  and register again; the config file itself is not re-read here since it never changes).
-  It must also be followed by a re-registration within the bound.  Kubelet restarts and
-  reloads are serialized so each can be matched to its registration;
+* a config reload every ~5 s, as an operator does it: the config file is rewritten with
+  the other replica count (10 <-> 8) and the process sends itself SIGHUP.  The plugin
+  runs through the CLI's own ``serve`` (the SIGHUP handler and the config-file watch
+  both live there), so a reload is the real one: re-read, validate, plan, register
+  again.  It passes when, within the bound, a new registration arrived and the kubelet's
+  table holds exactly the new replica set.  Kubelet restarts and reloads are serialized
+  so each can be matched to its registration;
 * admissions continuously: admit 1-4 devices, hold them 0-0.5 s, release.  Rejections
   are expected while the kubelet restarts or a GPU is unhealthy and are only counted.
 
@@ -44,6 +46,7 @@ import os
 import pathlib
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -58,11 +61,18 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import reliability as rel
 
+from trio_gpu_plugin._cli import Settings, build_parser
+from trio_gpu_plugin._cli import serve as serve_cli
+from trio_gpu_plugin._configured import NodeSetup
+from trio_gpu_plugin._health import HealthChecks
+from trio_gpu_plugin._nvml_sim import SimulatedNVML
+from trio_gpu_plugin._nvml_source import NvmlNode
 from trio_gpu_plugin.testing import FakeKubelet
 from trio_gpu_plugin.testing._fake_kubelet import Admission, AdmissionError
 
 RESOURCE = rel.RESOURCE
-REPLICAS = rel.REPLICAS
+#: Each reload switches the config file between these replica counts.
+REPLICA_COUNTS = (rel.REPLICAS, 8)
 RECOVERY_WINDOW_S = 0.3
 PROBE_INTERVAL_S = 0.05
 
@@ -71,6 +81,8 @@ XID_INTERVAL_S = 0.5
 RESET_DELAY_S = (0.1, 0.6)
 RELOAD_INTERVAL_S = 5.0
 HOLD_S = (0.0, 0.5)
+#: After a reload's check, quiet time for the config file watch's own reload to land.
+RELOAD_SETTLE_S = 1.0
 #: A kubelet restart or reload must be followed by a new registration within this.
 REREGISTER_BOUND_S = 5.0
 #: After the churn: everything healthy and matching within this.
@@ -195,36 +207,83 @@ class Report:
 
 # --- the node -------------------------------------------------------------------------
 
-async def serve(nursery: trio.Nursery, directory: pathlib.Path) -> rel.Served:
-    """The reliability bench's 16-GPU time-sliced node; its ``plugin`` is reloaded."""
-    return await rel.serve_node(nursery, directory, rel.SIXTEEN, rel.TIME_SLICING, RESOURCE,
-                                recovery_window=RECOVERY_WINDOW_S, probe_interval=PROBE_INTERVAL_S)
+def config_document(replicas: int) -> dict[str, object]:
+    return {"version": "v1", "sharing": {"timeSlicing": {
+        "renameByDefault": True,
+        "resources": [{"name": "nvidia.com/gpu", "replicas": replicas}]}}}
+
+
+@dataclasses.dataclass
+class Node:
+    """The simulated node served through the CLI's ``serve`` to a fake kubelet."""
+    nvml: SimulatedNVML
+    kubelet: FakeKubelet
+    config_file: pathlib.Path
+    uuids: list[str]  # GPU UUIDs by index
+    replicas: int  # what the config file says now
+
+    def expected(self) -> set[str]:
+        """The device IDs the current config file asks for (``<uuid>::<n>``)."""
+        return {f"{u}::{i}" for u in self.uuids for i in range(self.replicas)}
+
+    def write_config(self, replicas: int) -> None:
+        # Replaced in one rename, as a ConfigMap update is: a reader never sees half.
+        tmp = self.config_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config_document(replicas)))
+        tmp.replace(self.config_file)
+        self.replicas = replicas
+
+
+async def serve(nursery: trio.Nursery, directory: pathlib.Path) -> Node:
+    """The reliability bench's 16-GPU time-sliced node, served by the CLI's ``serve``
+    (SIGHUP and config-file reloads included); returns once the kubelet holds its table."""
+    kubelet = FakeKubelet(directory / "kubelet")
+    (directory / "kubelet").mkdir()
+    await nursery.start(kubelet.run)
+    nvml = SimulatedNVML(rel.SIXTEEN)
+    root = directory / "root"
+    root.mkdir()
+    nvml.write_driver_root(root)
+    node = Node(nvml, kubelet, directory / "config.json", [], REPLICA_COUNTS[0])
+    node.write_config(REPLICA_COUNTS[0])
+    args = build_parser().parse_args(["--config-file", str(node.config_file),
+                                      "--kubelet-socket", str(kubelet.kubelet_socket)])
+    settings = Settings(args, {})
+    config, _ = settings.load()
+    nvml_node = NvmlNode(nvml, root=root, checks=HealthChecks(),
+                         recovery_window=RECOVERY_WINDOW_S, probe_interval=PROBE_INTERVAL_S)
+    nursery.start_soon(serve_cli, settings, NodeSetup.read(config, root), nvml_node)
+    await kubelet.wait_registered(RESOURCE)
+    node.uuids = [g.uuid for g in (await nvml_node.wait_model()).gpus]
+    await kubelet.wait_until(lambda: table_ids(node) == node.expected())
+    return node
 
 
 def accepted(kubelet: FakeKubelet) -> int:
     return sum(1 for r in kubelet.registrations if r.accepted and r.resource_name == RESOURCE)
 
 
-def stale_state(n: rel.Served) -> list[str]:
-    """Differences between the kubelet's table and the plugin's devices, all healthy."""
+def table_ids(n: Node) -> set[str]:
     view = n.kubelet.resources.get(RESOURCE)
-    published = n.plugin.services[RESOURCE].devices
-    out = []
+    return set() if view is None else view.healthy | view.unhealthy
+
+
+def stale_state(n: Node) -> list[str]:
+    """Differences between the kubelet's table and what the config file asks for, all
+    healthy."""
+    view = n.kubelet.resources.get(RESOURCE)
     if view is None:
         return ["the kubelet has no table"]
+    out = []
     if not view.connected:
         out.append("the kubelet's endpoint is not connected")
-    if len(published) != len(n.uuids) * REPLICAS:
-        out.append(f"plugin publishes {len(published)} devices, want {len(n.uuids) * REPLICAS}")
-    sick = sorted(i for i, d in published.items() if not d.healthy)
-    if sick:
-        out.append(f"plugin still publishes {len(sick)} unhealthy: {sick[:3]}")
+    want = n.expected()
     if view.unhealthy:
         out.append(f"kubelet table has {len(view.unhealthy)} unhealthy: {sorted(view.unhealthy)[:3]}")
-    if view.healthy != set(published):
-        out.append(f"kubelet healthy set ({len(view.healthy)}) != plugin's devices "
-                   f"({len(published)}): missing {sorted(set(published) - view.healthy)[:3]}, "
-                   f"extra {sorted(view.healthy - set(published))[:3]}")
+    if view.healthy != want:
+        out.append(f"kubelet healthy set ({len(view.healthy)}) != the {len(want)} devices "
+                   f"of {n.replicas} replicas: missing {sorted(want - view.healthy)[:3]}, "
+                   f"extra {sorted(view.healthy - want)[:3]}")
     if view.allocated:
         out.append(f"{len(view.allocated)} devices still allocated after every release")
     return out
@@ -251,20 +310,21 @@ async def soak(seconds: float, seed: int = 1) -> Report:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-async def _soak(n: rel.Served, seconds: float, rng: random.Random, report: Report) -> Report:
+async def _soak(n: Node, seconds: float, rng: random.Random, report: Report) -> Report:
     kubelet = n.kubelet
     reregister = trio.Lock()  # one kubelet restart or reload at a time
     held: set[Admission] = set()
     start = trio.current_time()
 
-    async def churn_once(what: str, action: Callable[[], Awaitable[None]]) -> None:
+    async def churn_once(what: str, action: Callable[[], Awaitable[None]],
+                         settled: Callable[[], bool] = lambda: True) -> None:
         async with reregister:
             before = accepted(kubelet)
             at = trio.current_time()
             await action()
             try:
-                await kubelet.wait_registered(RESOURCE, count=before + 1,
-                                              timeout=REREGISTER_BOUND_S)
+                await kubelet.wait_until(lambda: accepted(kubelet) > before and settled(),
+                                         timeout=REREGISTER_BOUND_S)
             except trio.TooSlowError:
                 report.missed.append(f"{what} at t={at - start:.1f}s: no registration "
                                      f"within {REREGISTER_BOUND_S:g} s")
@@ -279,11 +339,17 @@ async def _soak(n: rel.Served, seconds: float, rng: random.Random, report: Repor
 
     async def reloads() -> None:
         async def reload() -> None:
-            n.plugin.restart("reload")  # what SIGHUP does once the config is re-read
+            n.write_config(REPLICA_COUNTS[1] if n.replicas == REPLICA_COUNTS[0]
+                           else REPLICA_COUNTS[0])
+            os.kill(os.getpid(), signal.SIGHUP)
 
         while True:
             await trio.sleep(RELOAD_INTERVAL_S * rng.uniform(0.8, 1.2))
-            await churn_once("reload", reload)
+            await churn_once("SIGHUP reload", reload, lambda: table_ids(n) == n.expected())
+            # The config file's watch reloads too, a moment later: let that registration
+            # land inside this round rather than be credited to the next kubelet restart.
+            async with reregister:
+                await trio.sleep(RELOAD_SETTLE_S)
             report.reloads += 1
 
     async def reset_later(index: int, delay: float) -> None:
