@@ -81,6 +81,16 @@ class FakeTarget:
         self.gpu_index(gpu)
         self._record("recover", gpu)
 
+    def hang(self, gpu: int | str | None = None) -> None:
+        assert gpu is not None
+        self.gpu_index(gpu)
+        self._record("hang", gpu)
+
+    def unhang(self, gpu: int | str | None = None) -> None:
+        assert gpu is not None
+        self.gpu_index(gpu)
+        self._record("unhang", gpu)
+
     def set_pending(
         self, gpu: int | str, *, retired_pages: bool | None = None, row_remap: bool | None = None
     ) -> None:
@@ -186,6 +196,8 @@ def test_fake_is_a_fault_target() -> None:
         ({"op": "ecc-dbe", "gpu": 0}, ("ecc_dbe", 0)),
         ({"op": "lost", "gpu": "GPU-00000000-aaaa"}, ("lose", "GPU-00000000-aaaa")),
         ({"op": "recover", "gpu": 1}, ("recover", 1)),
+        ({"op": "hang", "gpu": 1}, ("hang", 1)),
+        ({"op": "unhang", "gpu": "GPU-00000000-aaaa"}, ("unhang", "GPU-00000000-aaaa")),
         ({"op": "pending", "gpu": 0, "retired_pages": True}, ("set_pending", 0, True, None)),
         ({"op": "pending", "gpu": 0, "row_remap": False}, ("set_pending", 0, None, False)),
         (
@@ -255,7 +267,8 @@ async def test_last_line_without_newline_is_answered_at_eof(
 
 # --- errors ----------------------------------------------------------------------------
 
-VALID_OPS = ["xid", "ecc-dbe", "lost", "recover", "pending", "nvml-down", "nvml-up", "list"]
+VALID_OPS = ["xid", "ecc-dbe", "lost", "recover", "hang", "unhang", "pending", "nvml-down", "nvml-up",
+             "list"]
 
 
 @pytest.mark.parametrize(

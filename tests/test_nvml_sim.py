@@ -528,6 +528,39 @@ def test_freeing_a_set_a_thread_waits_on_is_detected() -> None:
 # -- faults ------------------------------------------------------------------------------
 
 
+def test_a_hung_gpu_blocks_every_call_naming_it_until_unhung() -> None:
+    sim = start("a100-mig")
+    gpus = handles(sim)
+    mig = mig_devices(sim, gpus[2])[0]
+    gpu_uuid, mig_uuid = sim.nvmlDeviceGetUUID(gpus[2]), sim.nvmlDeviceGetUUID(mig)
+    events = sim.nvmlEventSetCreate()
+    sim.nvmlDeviceRegisterEvents(gpus[0], 0x8, events)
+    sim.hang(gpu_uuid)
+    calls = [lambda: sim.nvmlDeviceGetMemoryInfo(gpus[2]), lambda: sim.nvmlDeviceGetUUID(mig),
+             lambda: sim.nvmlDeviceGetHandleByIndex(2),
+             lambda: sim.nvmlDeviceGetHandleByUUID(gpu_uuid),
+             lambda: sim.nvmlDeviceGetHandleByUUID(mig_uuid)]
+    returned: list[object] = []
+    threads = [threading.Thread(target=lambda c=c: returned.append(c()), daemon=True)  # type: ignore[misc]
+               for c in calls]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 5
+    while sim.blocked < len(calls) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sim.blocked == len(calls) and returned == []
+    # Other GPUs, the library and event waits go on meanwhile.
+    assert sim.nvmlDeviceGetUUID(gpus[1]) != gpu_uuid
+    assert sim.nvmlDeviceGetCount() == len(gpus)
+    sim.xid(0, 79)
+    assert sim.nvmlEventSetWait_v2(events, 0).eventData == 79
+    sim.unhang(2)
+    for thread in threads:
+        thread.join(5)
+    assert sim.blocked == 0 and len(returned) == len(calls)
+    sim.nvmlEventSetFree(events)
+
+
 def test_a_lost_gpu_says_so_until_it_is_reset() -> None:
     sim = start("a100-mig")
     gpus = handles(sim)

@@ -53,7 +53,8 @@ log = logging.getLogger("trio_gpu_plugin.cli")
 # Spelled out rather than imported: the simulator (and its control socket) load only
 # when --simulate asks for them.  tests/test_cli.py keeps these equal to the real ones.
 PRESET_NAMES = ("dgx-a100", "dgx-1", "pcie-4", "a100-mig", "dgx-h100", "single-t4")
-CONTROL_OPS = ("xid", "ecc-dbe", "lost", "recover", "pending", "nvml-down", "nvml-up", "list")
+CONTROL_OPS = ("xid", "ecc-dbe", "lost", "recover", "hang", "unhang", "pending", "nvml-down",
+               "nvml-up", "list")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +277,7 @@ def inject(args: argparse.Namespace) -> int:
     """``trio-gpu-plugin inject``: one request, its answer on stdout."""
     from ._control import request_from_args, send_control_sync
 
-    gpu_needed = args.op in ("xid", "ecc-dbe", "lost", "recover", "pending")
+    gpu_needed = args.op in ("xid", "ecc-dbe", "lost", "recover", "hang", "unhang", "pending")
     if gpu_needed and args.gpu is None:
         print(f"trio-gpu-plugin inject: error: op {args.op} needs --gpu", file=sys.stderr)
         return 2

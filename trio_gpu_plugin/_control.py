@@ -17,6 +17,8 @@ device UUID (for ``xid``: an error on that MIG instance)::
     {"op": "ecc-dbe", "gpu": "GPU-..."}             a double-bit ECC error
     {"op": "lost", "gpu": 3}                        the GPU falls off the bus
     {"op": "recover", "gpu": 3}                     ... and comes back healthy
+    {"op": "hang", "gpu": 3}  {"op": "unhang", "gpu": 3}
+                                                    NVML calls naming the GPU block / return
     {"op": "pending", "gpu": 3, "retired_pages": true, "row_remap": false}
                                                     at least one of the two flags
     {"op": "nvml-down"}  {"op": "nvml-up"}          NVML as a whole stops/starts working
@@ -77,6 +79,8 @@ _OP_KEYS: Final[Mapping[str, frozenset[str]]] = {
     "ecc-dbe": frozenset({"gpu"}),
     "lost": frozenset({"gpu"}),
     "recover": frozenset({"gpu"}),
+    "hang": frozenset({"gpu"}),
+    "unhang": frozenset({"gpu"}),
     "pending": frozenset({"gpu", "retired_pages", "row_remap"}),
     "nvml-down": frozenset(),
     "nvml-up": frozenset(),
@@ -129,6 +133,14 @@ class FaultTarget(Protocol):
 
     def recover(self, gpu: int | str) -> None:
         """Bring ``gpu`` back healthy."""
+        ...
+
+    def hang(self, gpu: int | str | None = None) -> None:
+        """Make every NVML call naming ``gpu`` block until :meth:`unhang`."""
+        ...
+
+    def unhang(self, gpu: int | str | None = None) -> None:
+        """Let ``gpu``'s blocked NVML calls return."""
         ...
 
     def set_pending(
@@ -321,6 +333,12 @@ class _Server:
             elif op == "recover":
                 target.recover(gpu)
                 done = f"recovered {label}"
+            elif op == "hang":
+                target.hang(gpu)
+                done = f"{label} hangs: NVML calls naming it block until unhang"
+            elif op == "unhang":
+                target.unhang(gpu)
+                done = f"{label} answers NVML calls again"
             else:
                 assert op == "pending", op
                 retired_pages = _flag(request, "retired_pages")

@@ -9,9 +9,11 @@ assigns them, ``NOT_FOUND`` for empty MIG slots, page retirement on pre-Ampere G
 remapping on Ampere and later (each reporting ``NOT_SUPPORTED`` for the other).
 
 Faults are injected from any thread (:meth:`SimulatedNVML.xid`, :meth:`~SimulatedNVML.lose`,
-:meth:`~SimulatedNVML.nvml_down` ...) while NVML calls block in worker threads: one
-``threading.Condition`` guards all state, and an injected event wakes a waiting
-``nvmlEventSetWait_v2`` at once.
+:meth:`~SimulatedNVML.nvml_down`, :meth:`~SimulatedNVML.hang` ...) while NVML calls block in
+worker threads: one ``threading.Condition`` guards all state, and an injected event wakes a
+waiting ``nvmlEventSetWait_v2`` at once.  A hung GPU (:meth:`~SimulatedNVML.hang`) blocks
+every call that names it until :meth:`~SimulatedNVML.unhang`, as a wedged GPU does to the
+real library.
 
 Node descriptions come from :data:`PRESETS` or from YAML/JSON files
 (:func:`load_node_file`); :meth:`SimulatedNVML.write_driver_root` lays out the files a
@@ -414,6 +416,7 @@ class _Gpu:
     migs: tuple[_Mig, ...]
     # Mutable state, under SimulatedNVML's lock.
     lost: bool = False
+    hung: bool = False  # calls naming it block until it is not
     retired_pages_pending: bool = False
     remap_pending: bool = False
     remapped_uncorrectable: int = 0
@@ -1001,6 +1004,7 @@ class SimulatedNVML:
         self._open_sets = 0
         self._freed_while_waiting = 0
         self._waiting = 0
+        self._blocked = 0
         #: NVML method name -> calls so far (failed ones included).
         self.calls: collections.Counter[str] = collections.Counter()
         self._sets: list[_EventSet] = []  # live (not freed) event sets
@@ -1034,7 +1038,26 @@ class SimulatedNVML:
         with self._cond:
             return self._waiting
 
+    @property
+    def blocked(self) -> int:
+        """Threads blocked now in a call on a hung GPU (see :meth:`hang`)."""
+        with self._cond:
+            return self._blocked
+
     # -- internals (lock held) ---------------------------------------------------------
+
+    def _block_while_hung(self, gpu: _Gpu) -> None:
+        """Wait (releasing the lock) while ``gpu`` is hung: the call that named it does
+        not return, as with a GPU wedged in the driver.  The driver going away
+        (:meth:`nvml_down`) does not free it: real hung calls do not notice either."""
+        if not gpu.hung:
+            return
+        self._blocked += 1
+        try:
+            while gpu.hung:
+                self._cond.wait()
+        finally:
+            self._blocked -= 1
 
     def _enter(self, name: str) -> None:
         """Count a call and fail it as NVML would when the library is unusable."""
@@ -1047,6 +1070,7 @@ class SimulatedNVML:
     def _device(self, handle: object) -> tuple[_Gpu, _Mig | None]:
         if isinstance(handle, (_GpuHandle, _MigHandle)) and handle.owner is self:
             gpu = self._gpus[handle.index]
+            self._block_while_hung(gpu)
             if gpu.lost:
                 raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)
             return gpu, gpu.migs[handle.slot] if isinstance(handle, _MigHandle) else None
@@ -1069,6 +1093,7 @@ class SimulatedNVML:
     def _instance(self, instance: object, kind: type[_GpuInstance]) -> tuple[_Gpu, _Mig]:
         if isinstance(instance, kind) and type(instance) is kind and instance.owner is self:
             gpu = self._gpus[instance.index]
+            self._block_while_hung(gpu)
             if gpu.lost:
                 raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)
             return gpu, gpu.migs[instance.slot]
@@ -1132,6 +1157,7 @@ class SimulatedNVML:
             self._enter("nvmlDeviceGetHandleByIndex")
             if not _is_int(index) or not 0 <= index < len(self._gpus):
                 raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+            self._block_while_hung(self._gpus[index])
             if self._gpus[index].lost:
                 raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)
             return self._handles[index]
@@ -1149,6 +1175,7 @@ class SimulatedNVML:
                     if mig.uuid == wanted:
                         found = self._mig_handles[gpu.index][mig.slot]
                 if found is not None:
+                    self._block_while_hung(gpu)
                     if gpu.lost:
                         raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)
                     return found
@@ -1581,6 +1608,21 @@ class SimulatedNVML:
             target.lost = False
             target.retired_pages_pending = False
             target.remap_pending = False
+
+    def hang(self, gpu: int | str | None = None) -> None:
+        """The GPU (every GPU, if ``None``) hangs: each NVML call naming it (by handle,
+        index or UUID, its MIG devices' included) blocks until :meth:`unhang`.  Calls on
+        other GPUs, and event waits, go on."""
+        with self._cond:
+            for target in self._gpus if gpu is None else [self._lookup(gpu)[0]]:
+                target.hung = True
+
+    def unhang(self, gpu: int | str | None = None) -> None:
+        """The GPU (every GPU, if ``None``) answers again: its blocked calls return."""
+        with self._cond:
+            for target in self._gpus if gpu is None else [self._lookup(gpu)[0]]:
+                target.hung = False
+            self._cond.notify_all()
 
     def set_pending(self, gpu: int | str, *, retired_pages: bool | None = None,
                     row_remap: bool | None = None) -> None:
