@@ -72,9 +72,11 @@ class Recorder:
 
 async def start(nursery: trio.Nursery, nvml: SimulatedNVML, root: pathlib.Path, *,
                 env: dict[str, str] | None = None, window: float = 0.3, probe: float = 0.05,
-                select: object = whole_gpus, fail: bool = True) -> tuple[NvmlNode, Recorder]:
+                select: object = whole_gpus, fail: bool = True,
+                call_timeout: float = 10.0) -> tuple[NvmlNode, Recorder]:
     node = NvmlNode(nvml, root=root, checks=HealthChecks.from_env(env or {}),
-                    recovery_window=window, probe_interval=probe, fail_on_init_error=fail)
+                    recovery_window=window, probe_interval=probe, fail_on_init_error=fail,
+                    call_timeout=call_timeout)
     await nursery.start(node.run)
     recorder = Recorder()
     await nursery.start(node.source(select).run, recorder)  # type: ignore[arg-type]
@@ -417,6 +419,118 @@ async def test_a_storm_of_xids_logs_one_line(nursery: trio.Nursery, root: pathli
             await trio.sleep(0.01)
     lines = [r for r in caplog.records if uuid in r.getMessage() and r.levelno >= logging.WARNING]
     assert len(lines) == 1
+
+
+# --- NVML hanging ---------------------------------------------------------------------------
+
+def hang_warnings(caplog: pytest.LogCaptureFixture, uuid: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.WARNING and uuid in r.getMessage()]
+
+
+async def test_a_gpu_hung_in_nvml_goes_unhealthy_alone_and_recovers_when_it_answers(
+        nursery: trio.Nursery, root: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="trio_gpu_plugin")
+    nvml = simulated("pcie-4", root)
+    node, devices = await start(nursery, nvml, root, window=0.3, call_timeout=0.3)
+    uuids = [g.uuid for g in node.model.gpus]  # type: ignore[union-attr]
+    nvml.hang(2)
+    try:
+        await devices.wait_until(lambda: devices.unhealthy == {uuids[2]})
+        assert node.tracker.reason(uuids[2]) == "NVML hangs in a health probe"
+        # The others keep their health current meanwhile: an XID on GPU 0 comes and goes.
+        nvml.xid(0, 79)
+        await devices.wait_until(lambda: devices.unhealthy == {uuids[0], uuids[2]})
+        await devices.wait_until(lambda: devices.unhealthy == {uuids[2]})
+        await trio.sleep(1.0)  # many probe rounds while it stays hung
+        assert devices.unhealthy == {uuids[2]}
+        assert nvml.blocked == 1  # one thread left in the driver, not one per round
+        assert node.limiter.total_tokens == 3  # its token is lent out for as long
+        # Once per cause: the hang, not a line per probe round.
+        assert len(hang_warnings(caplog, uuids[2])) == 1, hang_warnings(caplog, uuids[2])
+        assert "has not returned from a health probe for 0.3 s" in hang_warnings(caplog, uuids[2])[0]
+    finally:
+        nvml.unhang()
+    await devices.wait_until(lambda: devices.unhealthy == set())
+    assert nvml.blocked == 0 and node.limiter.total_tokens == 2
+    assert "NVML returned from a health probe after" in caplog.text
+    assert "is healthy again" in caplog.text
+
+
+async def test_every_hung_gpu_is_found_in_one_round(nursery: trio.Nursery,
+                                                    root: pathlib.Path) -> None:
+    nvml = simulated("dgx-a100", root)
+    node, devices = await start(nursery, nvml, root, call_timeout=0.2)
+    uuids = {g.uuid for g in node.model.gpus}  # type: ignore[union-attr]
+    nvml.hang()  # the whole driver wedged: each GPU's probe hangs in turn
+    try:
+        # Each hung GPU costs one timeout, then the round goes on with the next: eight
+        # in about 1.6 s, not one per probe interval.
+        await devices.wait_until(lambda: devices.unhealthy == uuids, timeout=2.0 + 8 * 0.2)
+        assert nvml.blocked == 8
+    finally:
+        nvml.unhang()
+    await devices.wait_until(lambda: devices.unhealthy == set())
+
+
+async def test_stopping_never_waits_for_a_hung_call(root: pathlib.Path) -> None:
+    nvml = simulated("pcie-4", root)
+    try:
+        async with trio.open_nursery() as nursery:
+            node, devices = await start(nursery, nvml, root, call_timeout=5.0)
+            nvml.hang(1)
+            with trio.fail_after(HANG_GUARD):
+                while not nvml.blocked:  # a probe is in the hung call now
+                    await trio.sleep(0.01)
+            cancelled = trio.current_time()
+            nursery.cancel_scope.cancel()
+        assert trio.current_time() - cancelled < 1.0
+        assert nvml.open_event_sets == 0 and nvml.freed_while_waiting == 0
+    finally:
+        nvml.unhang()
+
+
+async def test_a_start_up_that_hangs_fails_with_what_hung(root: pathlib.Path) -> None:
+    nvml = simulated("pcie-4", root)
+    nvml.hang(3)
+    try:
+        node = NvmlNode(nvml, root=root, checks=HealthChecks(), call_timeout=0.3)
+        with trio.fail_after(HANG_GUARD), pytest.raises(NvmlInitError) as caught:
+            await node.run()
+        assert "NVML start-up (init and discovery) has not returned within 0.3 s" in str(caught.value)
+    finally:
+        nvml.unhang()
+    with trio.fail_after(HANG_GUARD):
+        while nvml.init_count:  # the late session is shut down by the thread that opened it
+            await trio.sleep(0.01)
+
+
+async def test_a_hung_start_up_is_retried_only_once_it_returned(
+        nursery: trio.Nursery, root: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    nvml = simulated("pcie-4", root)
+    nvml.hang(0)
+    node = NvmlNode(nvml, root=root, checks=HealthChecks(), fail_on_init_error=False,
+                    call_timeout=0.2, retry_initial=0.05, retry_cap=0.2)
+    started = trio.Event()
+
+    async def run() -> None:
+        await nursery.start(node.run)
+        started.set()
+
+    try:
+        nursery.start_soon(run)
+        await trio.sleep(1.5)
+        assert not started.is_set()
+        assert nvml.calls["nvmlInit"] == 1  # no second start-up piled on the hung one
+        assert nvml.blocked == 1
+        assert "has not returned within 0.2 s" in caplog.text
+        assert "the last NVML start-up (init and discovery) has still not returned" in caplog.text
+    finally:
+        nvml.unhang()
+    with trio.fail_after(HANG_GUARD):
+        await started.wait()
+    assert node.model is not None and len(node.model.gpus) == 4
+    assert nvml.init_count == 1  # the live session; the late one was shut down
 
 
 # --- cancellation ---------------------------------------------------------------------------

@@ -17,6 +17,15 @@ If NVML fails (init at start, or a wait or probe later), every device is marked 
 one line is logged per back-off step, and the loop starts a new session once NVML
 answers again.  Health lives in a :class:`HealthTracker` that outlives sessions.
 
+NVML calls can hang (a GPU wedged in the driver).  A worker thread stuck in one cannot
+be interrupted, so every call that may hang has a deadline (``call_timeout``) on the trio
+side instead: a probe that does not return marks the GPU it is stuck on Unhealthy ("hung"),
+leaves that thread behind and goes on with the other GPUs in a new one; the hung GPU is
+not asked again until its thread returns, then it recovers like any other.  A start-up
+(init and discovery) that does not return counts as NVML failing; the next one waits for
+the hung one to return, and a session that comes back from it late is shut down.  So
+other GPUs keep their health current, and stopping never waits on a hung call.
+
 :class:`NvmlDeviceSource` is the :class:`~trio_gpu_plugin.DeviceSource` of one resource
 over a node: a *selector* turns the model into logical devices (whole GPUs, MIG slices,
 replicas), each built on health units (GPU and MIG UUIDs), so an event on a GPU marks
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import logging
 import os
 import random
@@ -49,7 +59,7 @@ from ._health import (
     mig_units,
     units_for_event,
 )
-from ._node_model import NodeModel
+from ._node_model import GpuInfo, NodeModel
 from ._nvml import (
     EVENT_DOUBLE_BIT_ECC,
     EVENT_GPU_UNAVAILABLE,
@@ -81,6 +91,10 @@ RECOVERY_WINDOW: Final = 60.0
 PROBE_INTERVAL: Final = 5.0
 RETRY_INITIAL: Final = 0.5
 RETRY_CAP: Final = 30.0
+#: An NVML call (a probe, or init and discovery) not returned after this long is hung.
+CALL_TIMEOUT: Final = 10.0
+#: How long ending a session waits for probe threads still in NVML before nvmlShutdown.
+SHUTDOWN_GRACE: Final = 0.5
 
 _INIT_HINT: Final = (
     "check that the NVIDIA driver is loaded on this node (nvidia-smi works there), that the "
@@ -92,6 +106,39 @@ _INIT_HINT: Final = (
 class NvmlInitError(RuntimeError):
     """NVML could not be initialised (or the node not discovered) at start-up, and
     ``fail_on_init_error`` is set."""
+
+
+class _StartHung(Exception):
+    """NVML's start-up (init and discovery) has not returned within the call timeout."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Call:
+    """A blocking NVML job in a worker thread, shared by the thread and the trio side.
+
+    The trio side gives up on it after a deadline (or when cancelled) and sets
+    ``abandoned`` under ``lock``; the thread checks it, under the same lock, before
+    handing back anything it would otherwise leak.
+    """
+
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    abandoned: bool = False
+    #: The GPU (UUID) the thread is asking NVML about now, for a per-GPU job.
+    current: str | None = None
+    #: Per-GPU results so far, for a per-GPU job.
+    results: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: A start-up job opened an NVML session that nobody has taken yet.
+    session_open: bool = False
+
+
+@dataclasses.dataclass
+class _Stuck:
+    """A GPU whose NVML call did not return: since when, in what, and its thread."""
+
+    what: str
+    since: float
+    done: threading.Event
 
 
 class _NvmlGone(Exception):
@@ -198,6 +245,8 @@ class NvmlNode:
         wait_timeout_ms: each event wait's timeout; cancellation waits for at most one.
         retry_initial, retry_cap: first and largest delay (seconds) between attempts
             to start NVML after it failed; each failure doubles the delay.
+        call_timeout: seconds after which an NVML probe or start-up that has not
+            returned is taken as hung (see the module docstring).
     """
 
     def __init__(
@@ -214,7 +263,10 @@ class NvmlNode:
         retry_initial: float = RETRY_INITIAL,
         retry_cap: float = RETRY_CAP,
         observer: Observer | None = None,
+        call_timeout: float = CALL_TIMEOUT,
     ) -> None:
+        if not call_timeout > 0:
+            raise ValueError(f"NVML call timeout must be > 0 seconds, got {call_timeout}")
         if recovery_window < 0:
             raise ValueError(f"recovery window must be >= 0 seconds, got {recovery_window}")
         if probe_interval <= 0:
@@ -228,6 +280,7 @@ class NvmlNode:
         self.wait_timeout_ms = wait_timeout_ms
         self.retry_initial = retry_initial
         self.retry_cap = retry_cap
+        self.call_timeout = call_timeout
         #: Told about NVML events, health transitions and NVML going up or down.
         self.observer = observer or Observer()
         # Two threads: the event wait holds one for its whole life; probes use the other.
@@ -240,6 +293,12 @@ class NvmlNode:
         self._listeners: list[Callable[[], None]] = []
         self._handles: dict[int, str] = {}
         self._ready = trio.Event()
+        # GPU UUID -> the call it hung in; not asked again until that thread returns.
+        self._stuck: dict[str, _Stuck] = {}
+        # Probe threads abandoned by a cancellation while (probably) still in NVML.
+        self._abandoned: list[threading.Event] = []
+        # The start-up thread that hung, until it returns.
+        self._hung_start: threading.Event | None = None
 
     # --- what sources see ---------------------------------------------------------------
 
@@ -330,7 +389,7 @@ class NvmlNode:
         while True:
             try:
                 result = await self._start_session()
-            except (NVMLError, DiscoveryError) as exc:
+            except (NVMLError, DiscoveryError, _StartHung) as exc:
                 failure = f"{type(exc).__name__}: {exc}" if isinstance(exc, DiscoveryError) else str(exc)
                 if self.model is None and self.fail_on_init_error:
                     raise NvmlInitError(f"NVML could not start: {failure}; {_INIT_HINT}") from exc
@@ -370,20 +429,60 @@ class NvmlNode:
 
     async def _start_session(self) -> DiscoveryResult:
         nvml = self.nvml
+        if self._hung_start is not None:
+            if not self._hung_start.is_set():
+                raise _StartHung("the last NVML start-up (init and discovery) has still not "
+                                 "returned: a GPU or the driver is hung")
+            self._hung_start = None
+        call = _Call()
 
         def start() -> DiscoveryResult:
-            nvml.nvmlInit()
             try:
-                return discover(nvml, self.root)
-            except BaseException:
-                nvml.nvmlShutdown()
-                raise
+                nvml.nvmlInit()
+                try:
+                    result = discover(nvml, self.root)
+                except BaseException:
+                    nvml.nvmlShutdown()
+                    raise
+                with call.lock:
+                    if call.abandoned:
+                        nvml.nvmlShutdown()  # nobody will use this session
+                    else:
+                        call.session_open = True
+                return result
+            finally:
+                call.done.set()
 
-        result = await trio.to_thread.run_sync(start, limiter=self.limiter)
-        self.sessions += 1
-        return result
+        taken = False
+        try:
+            with trio.move_on_after(self.call_timeout):
+                # Abandonable: a hung start-up must not hold up a stop, or the retry.
+                result = await trio.to_thread.run_sync(start, limiter=self.limiter,
+                                                       abandon_on_cancel=True)
+                taken = True
+                self.sessions += 1
+                return result
+        finally:
+            if not taken:
+                with call.lock:
+                    call.abandoned = True
+                    leaked = call.session_open
+                if leaked:
+                    # It returned just as we gave up on it: its session is ours to end.
+                    with trio.CancelScope(shield=True):
+                        await self._shutdown()
+                elif not call.done.is_set():
+                    self._hung_start = call.done
+        raise _StartHung(f"NVML start-up (init and discovery) has not returned within "
+                         f"{self.call_timeout:g} s: a GPU or the driver is hung")
 
     async def _shutdown(self) -> None:
+        # A probe thread abandoned by the cancellation may still be in NVML for a moment:
+        # let it finish before the library goes (hung ones are not waited for).
+        deadline = trio.current_time() + SHUTDOWN_GRACE
+        while any(not done.is_set() for done in self._abandoned) and trio.current_time() < deadline:
+            await trio.sleep(0.01)
+        self._abandoned = [done for done in self._abandoned if not done.is_set()]
         try:
             await trio.to_thread.run_sync(self.nvml.nvmlShutdown, limiter=self.limiter)
         except NVMLError as exc:
@@ -564,30 +663,97 @@ class NvmlNode:
 
     # --- probes ---------------------------------------------------------------------------
 
-    def _probe(self, model: NodeModel, unhealthy: frozenset[str]) -> dict[str, tuple[str | None, str | None]]:
-        """Ask NVML about every GPU (blocking): unit -> (failure, pending)."""
+    def _probe_gpu(self, gpu: GpuInfo, unhealthy: frozenset[str]) -> tuple[str | None, str | None, NVMLError | None]:
+        """Ask NVML about one GPU (blocking): (failure, pending, the error if NVML is gone)."""
         nvml = self.nvml
-        results: dict[str, tuple[str | None, str | None]] = {}
-        gone: list[NVMLError] = []
-        for gpu in model.gpus:
-            units = gpu_units(gpu)
+        try:
+            handle = nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
+            nvml.nvmlDeviceGetMemoryInfo(handle)
+            pending = self._pending(handle) if unhealthy.intersection(gpu_units(gpu)) else None
+            for mig in gpu.mig_devices:
+                nvml.nvmlDeviceGetHandleByUUID(mig.uuid)
+        except NVMLError as exc:
+            return f"NVML cannot reach it: {exc}", None, exc if nvml_gone(exc) else None
+        return None, pending, None
+
+    def _each_gpu(self, gpus: Sequence[GpuInfo], ask: Callable[[GpuInfo], Any], call: _Call) -> None:
+        """The worker thread of :meth:`_per_gpu`: ``ask`` each GPU in turn, noting where
+        it is so that a hang can be pinned on the right GPU."""
+        try:
+            for gpu in gpus:
+                if call.abandoned:
+                    return
+                call.current = gpu.uuid
+                call.results[gpu.uuid] = ask(gpu)
+            call.current = None
+        finally:
+            call.done.set()
+
+    async def _per_gpu(self, what: str, gpus: Sequence[GpuInfo],
+                       ask: Callable[[GpuInfo], Any]) -> dict[str, Any]:
+        """``ask(gpu)`` for each GPU not hung, in a worker thread; GPU UUID -> answer.
+
+        A GPU whose call has not returned within the call timeout is recorded as hung
+        in ``what`` (and left out of the answers); the GPUs after it are asked in a new
+        thread.  The hung thread is left behind with its limiter token, so the limiter
+        gets one more token until it returns.
+        """
+        answers: dict[str, Any] = {}
+        todo = [gpu for gpu in gpus if gpu.uuid not in self._stuck]
+        while todo:
+            call = _Call()
+            finished = False
             try:
-                handle = nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
-                nvml.nvmlDeviceGetMemoryInfo(handle)
-                pending = self._pending(handle) if unhealthy.intersection(units) else None
-                for mig in gpu.mig_devices:
-                    nvml.nvmlDeviceGetHandleByUUID(mig.uuid)
-            except NVMLError as exc:
-                if nvml_gone(exc):
-                    gone.append(exc)
-                for unit in units:
-                    results[unit] = (f"NVML cannot reach it: {exc}", None)
+                with trio.move_on_after(self.call_timeout):
+                    await trio.to_thread.run_sync(self._each_gpu, todo, ask, call,
+                                                  limiter=self.limiter, abandon_on_cancel=True)
+                    finished = True
+            finally:
+                if not finished:
+                    call.abandoned = True
+                    self._abandoned.append(call.done)
+            answers.update(call.results)
+            hung = call.current
+            if finished or hung is None or hung in call.results:
+                break  # done, or it returned right at the deadline
+            self._abandoned.remove(call.done)  # hung: nothing to wait for at shutdown
+            self._hung(hung, what, call.done)
+            todo = todo[[g.uuid for g in todo].index(hung) + 1:]
+        return answers
+
+    def _hung(self, uuid: str, what: str, done: threading.Event) -> None:
+        """Record that NVML hangs in ``what`` for the GPU ``uuid``: log it once, mark it."""
+        self._stuck[uuid] = _Stuck(what, trio.current_time(), done)
+        self.limiter.total_tokens += 1
+        model = self.model
+        gpu = model.gpu(uuid) if model is not None else None
+        name = self._describe(uuid)
+        log.warning("%s: NVML has not returned from %s for %g s; its devices are Unhealthy "
+                    "until NVML answers for it again (a thread stays blocked in the driver; "
+                    "if this lasts, the GPU needs a reset)", name, what, self.call_timeout)
+        if gpu is not None:
+            now = trio.current_time()
+            for unit in gpu_units(gpu):
+                transition = self.tracker.mark(unit, f"NVML hangs in {what}", now)
+                if transition is not None:
+                    self.observer.health_transition(unit, False, transition.reason)
+            self.notify()
+
+    def _check_hung(self) -> None:
+        """Release GPUs whose hung call has returned; keep the others' windows open."""
+        now = trio.current_time()
+        for uuid, stuck in list(self._stuck.items()):
+            if stuck.done.is_set():
+                del self._stuck[uuid]
+                self.limiter.total_tokens -= 1
+                log.info("%s: NVML returned from %s after %.1f s; probing it again",
+                         self._describe(uuid), stuck.what, now - stuck.since)
                 continue
-            for unit in units:
-                results[unit] = (None, pending)
-        if gone and len(gone) == len(model.gpus):
-            raise gone[0]
-        return results
+            model = self.model
+            if model is not None and uuid in {g.uuid for g in model.gpus}:
+                for unit in gpu_units(model.gpu(uuid)):
+                    # Still hung: a bad signal now, so recovery counts from the end of it.
+                    self.tracker.mark(unit, f"NVML hangs in {stuck.what}", now)
 
     def _pending(self, handle: Any) -> str | None:
         nvml = self.nvml
@@ -608,14 +774,21 @@ class NvmlNode:
     async def _probe_task(self, model: NodeModel) -> None:
         while True:
             await trio.sleep(self.probe_interval)
+            self._check_hung()
             unhealthy = frozenset(self.tracker.unhealthy_units())
             if not unhealthy and not self.checks.checks_lost:
                 continue
-            try:
-                results = await trio.to_thread.run_sync(self._probe, model, unhealthy,
-                                                        limiter=self.limiter)
-            except NVMLError as exc:
-                raise _NvmlGone(f"probes failed: {exc}") from exc
+            answers = await self._per_gpu("a health probe", model.gpus,
+                                          functools.partial(self._probe_gpu, unhealthy=unhealthy))
+            gone = [error for _, _, error in answers.values() if error is not None]
+            if gone and len(gone) == len(model.gpus):
+                raise _NvmlGone(f"probes failed: {gone[0]}")
+            results: dict[str, tuple[str | None, str | None]] = {}
+            for gpu in model.gpus:
+                if gpu.uuid in answers:
+                    failure, pending, _ = answers[gpu.uuid]
+                    for unit in gpu_units(gpu):
+                        results[unit] = (failure, pending)
             now = trio.current_time()
             changed = False
             for unit, (failure, pending) in results.items():
