@@ -600,6 +600,47 @@ async def test_kubelet_stop_leaves_plugin_sockets_until_restart(
     assert is_socket(kubelet.kubelet_socket) and not plugin.path.exists()
 
 
+async def test_a_killed_kubelet_drops_every_connection_and_leaves_its_socket(
+    nursery: trio.Nursery, kubelet: FakeKubelet
+) -> None:
+    plugin = await registered(nursery, kubelet)
+    identity = kubelet.kubelet_socket.lstat()
+    await kubelet.kill()
+    # Nothing cleaned up, as after SIGKILL: the same kubelet.sock, refusing connections.
+    after = kubelet.kubelet_socket.lstat()
+    assert (after.st_ino, after.st_ctime_ns) == (identity.st_ino, identity.st_ctime_ns)
+    assert is_socket(plugin.path)
+    with trio.fail_after(HANG_GUARD):
+        await plugin.stream_cancelled.wait()
+    with pytest.raises(RpcError) as caught:
+        await plugin.register(kubelet)
+    assert caught.value.code is StatusCode.UNAVAILABLE
+    assert kubelet.resources[GPU].allocatable == 0
+    # A new kubelet removes what the dead one left, then serves again.
+    await kubelet.restart()
+    assert kubelet.kubelet_socket.lstat().st_ctime_ns != identity.st_ctime_ns
+    assert not plugin.path.exists()
+
+
+async def test_a_kubelet_killed_during_register_never_answers_it(
+    nursery: trio.Nursery, kubelet: FakeKubelet
+) -> None:
+    plugin = await served(nursery, kubelet)
+    kubelet.kill_during_next_register()
+    with pytest.raises(RpcError) as caught:
+        await plugin.register(kubelet)
+    assert caught.value.code is StatusCode.UNAVAILABLE
+    # The kubelet had dialled back and recorded the registration before it died.
+    assert [r.accepted for r in kubelet.registrations] == [True]
+    assert "GetDevicePluginOptions" in plugin.calls
+    await kubelet.wait_until(lambda: not kubelet.resources[GPU].connected)
+    assert kubelet.kubelet_socket.exists()
+    await kubelet.restart()
+    await plugin.serve(nursery)
+    await plugin.register(kubelet)  # the next one is answered
+    await kubelet.wait_registered(GPU, count=2)
+
+
 async def test_run_exit_closes_plugin_connections_and_removes_kubelet_sock(
     nursery: trio.Nursery, socket_dir: pathlib.Path
 ) -> None:

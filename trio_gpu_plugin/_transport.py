@@ -468,6 +468,7 @@ async def serve_unix(
     services: Iterable[Service],
     *,
     max_message_length: int = DEFAULT_MAX_MESSAGE_LENGTH,
+    remove_on_exit: Callable[[], bool] = lambda: True,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve gRPC ``services`` on a Unix socket at ``path`` until cancelled.
@@ -475,7 +476,8 @@ async def serve_unix(
     Use it with ``await nursery.start(serve_unix, path, services)``, which returns the
     path once the socket accepts connections.  A stale socket file at ``path`` is
     replaced; any other file there is an error.  The socket file is removed on exit
-    unless something else has been bound there since.
+    unless something else has been bound there since, or ``remove_on_exit()`` (asked
+    then) says no: the test kit's killed kubelet leaves its file, as a killed process does.
 
     Resource handling: each connection runs in a task of this server; cancelling the
     server cancels every call and closes every connection.  Error handling: failures of
@@ -504,7 +506,8 @@ async def serve_unix(
             log.info("serving %s on %s", ", ".join(sorted(routes)) or "nothing", path)
             task_status.started(path)
     finally:
-        _unlink_if_ours(path, inode)
+        if remove_on_exit():
+            _unlink_if_ours(path, inode)
     raise AssertionError("trio.serve_listeners returned")  # pragma: no cover
 
 

@@ -10,15 +10,16 @@ here is ``shared/reference/kubelet.md`` (section numbers below point into it).
 
 Structure: :meth:`FakeKubelet.run` owns a nursery.  Each *serving generation* (one
 kubelet process, in effect) is a task in it with its own nursery holding the
-Registration server and one task per plugin connection; :meth:`~FakeKubelet.restart`
-and :meth:`~FakeKubelet.stop` cancel a generation, which closes every connection it
-made, exactly as a dying kubelet process does.  The state that a kubelet keeps in its
+Registration server and one task per plugin connection; :meth:`~FakeKubelet.restart`,
+:meth:`~FakeKubelet.stop` and :meth:`~FakeKubelet.kill` cancel a generation, which closes
+every connection it made, exactly as a dying kubelet process does.  The state that a kubelet keeps in its
 checkpoint (which resources exist, which devices are allocated) outlives generations.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pathlib
@@ -285,6 +286,8 @@ class _Generation:
 
     nursery: trio.Nursery
     done: trio.Event
+    #: Killed rather than stopped: ``kubelet.sock`` is left behind.
+    killed: bool = False
 
 
 @dataclass(eq=False)
@@ -358,6 +361,8 @@ class FakeKubelet:
         self._lifecycle = trio.Lock()
         self._admission_lock = trio.Lock()
         self._change = trio.Event()
+        self._kill_in_register = False
+        self._killed: _Generation | None = None
 
     # --- life cycle ------------------------------------------------------------------
 
@@ -398,6 +403,7 @@ class FakeKubelet:
         """
         nursery = self._require_running()
         async with self._lifecycle:
+            await self._reap()
             if self._generation is not None:
                 log.info("kubelet restarting: closing every plugin connection")
                 await self._stop_serving()
@@ -413,9 +419,56 @@ class FakeKubelet:
         """
         self._require_running()
         async with self._lifecycle:
+            await self._reap()
             if await self._stop_serving():
                 log.info("kubelet stopped: %s removed; plugin sockets left in place",
                          self.kubelet_socket)
+
+    async def kill(self) -> None:
+        """The kubelet is killed (SIGKILL): every connection, to plugins and to
+        ``kubelet.sock``, drops at once, mid-call or not, and nothing is cleaned up:
+        ``kubelet.sock`` stays behind, refusing connections, and plugin sockets stay.
+        An admission in flight fails.  :meth:`restart` starts a new kubelet, which (as
+        the real one) deletes every socket file first.
+        """
+        self._require_running()
+        async with self._lifecycle:
+            self.kill_now()
+            await self._reap()
+
+    def kill_now(self) -> None:
+        """:meth:`kill` from synchronous code (a plugin-side callback, say), at this very
+        moment: every task of this kubelet is cancelled at its next checkpoint, so an
+        answer the plugin is sending now is never read.  The kubelet's bookkeeping
+        (endpoints stopped) follows as soon as the tasks are gone."""
+        nursery = self._require_running()
+        generation = self._generation
+        if generation is None:
+            return
+        generation.killed = True
+        self._generation = None
+        self._killed = generation
+        log.info("kubelet killed: every connection drops; %s is left behind",
+                 self.kubelet_socket)
+        generation.nursery.cancel_scope.cancel(reason="the kubelet is killed")
+        nursery.start_soon(self._reap_locked)
+
+    async def _reap_locked(self) -> None:
+        async with self._lifecycle:
+            await self._reap()
+
+    async def _reap(self) -> None:
+        """Once a killed generation is gone, mark what it leaves (lifecycle lock held)."""
+        generation, self._killed = self._killed, None
+        if generation is not None:
+            await generation.done.wait()
+            self._mark_stopped()
+
+    def kill_during_next_register(self) -> None:
+        """Arm a crash: the next ``Register`` is handled (the plugin dialled back, its
+        stream opened) and then, before ``Register`` answers, the kubelet is killed
+        (:meth:`kill`)."""
+        self._kill_in_register = True
 
     def _require_running(self) -> trio.Nursery:
         if self._run_nursery is None:
@@ -465,10 +518,10 @@ class FakeKubelet:
                 async def register(request: RegisterRequest) -> Empty:
                     return await self._register(generation, request)
 
-                await nursery.start(
+                await nursery.start(functools.partial(
                     serve_unix, self.kubelet_socket,
                     [Service(REGISTRATION, {"Register": register})],
-                )
+                    remove_on_exit=lambda: not generation.killed))
                 self._generation = generation
                 log.info("kubelet serving v1beta1.Registration on %s", self.kubelet_socket)
                 task_status.started()
@@ -513,6 +566,11 @@ class FakeKubelet:
         # as the 1.25–1.3x kubelet (which dials with a context of its own) does.
         generation.nursery.start_soon(self._run_client, client)
         await client.outcome.wait()
+        if self._kill_in_register:
+            self._kill_in_register = False
+            log.info("Register of %r: killing the kubelet before it answers", name)
+            self.kill_now()
+            await trio.sleep_forever()  # ends with the generation
         if client.error is not None:
             raise RpcError(StatusCode.UNKNOWN, client.error)
         return Empty()
