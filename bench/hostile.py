@@ -16,10 +16,29 @@ server closes it:
   odd grpc-encoding, random extra headers (sent unvalidated);
 * ``garbage``: a fresh connection with raw bytes instead of, or after, the preface.
 
-Every case is classified from what the server sends back: ``status-<CODE>`` (trailers
-with grpc-status), ``rst`` (RST_STREAM), ``closed`` (GOAWAY / connection close).
+Every case is classified from what the server sends back: ``status-<CODE>`` (grpc-status
+with ``:status`` 200), ``http-<N>/status-<CODE>`` (grpc-status with another ``:status``),
+``streamed`` (a ListAndWatch that sent a list), ``rst-<ERROR>`` (RST_STREAM before any
+status), ``closed`` (GOAWAY / connection close).  Each case also says which outcomes
+it may get, as the gRPC and HTTP/2 specs (and grpc-go, where they leave room) answer it:
+
+* a malformed header block (RFC 9113 §8.2-8.3: a missing, repeated or misplaced
+  pseudo-header, an uppercase or connection-specific header, ``te`` other than
+  ``trailers``, a value padded with whitespace or holding CR, LF or NUL, a
+  ``content-length`` the body does not have) resets only its stream:
+  ``rst-PROTOCOL_ERROR``, and the connection serves the worker's next case;
+* a content-type other than ``application/grpc[+codec][;params]``: ``http-415/status-INTERNAL``;
+  a method other than POST: ``http-405/status-INTERNAL``;
+* a grpc-timeout that is not 1-8 ASCII digits and a unit: ``http-400/status-INTERNAL``;
+  one already expired (``0S``, ``1n``): ``status-DEADLINE_EXCEEDED``;
+* a request message cut short by the end of the stream (a length prefix promising more
+  than was sent, part of a prefix): ``status-INTERNAL`` saying "truncated";
+* garbage: ``closed``; any other request: some answer on its own stream, never a closed
+  connection or a reset.
+
 Failures: a case that gets no outcome within ``CASE_TIMEOUT`` (a hang), a response that
-ends without grpc-status, a valid case answered with a non-zero status, a connection
+ends without grpc-status, an outcome the case does not allow (a valid case answered with
+a non-zero status, a malformed header block that closed the connection), a connection
 task that crashed (an ERROR record with a traceback from the transport), or a plugin
 that stopped serving: after every batch a well-formed Allocate through
 :func:`open_unix_channel` must succeed and the fake kubelet's ListAndWatch must still be
@@ -42,13 +61,14 @@ import struct
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h2.config
 import h2.connection
-import h2.events
 import h2.errors
+import h2.events
 import h2.exceptions
 import h2.settings
 import trio
@@ -72,6 +92,20 @@ STATUS_NAMES = {0: "OK", 1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT",
                 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED", 9: "FAILED_PRECONDITION",
                 10: "ABORTED", 11: "OUT_OF_RANGE", 12: "UNIMPLEMENTED", 13: "INTERNAL",
                 14: "UNAVAILABLE", 15: "DATA_LOSS", 16: "UNAUTHENTICATED"}
+# RFC 9113 §8.2.2: these belong to HTTP/1.1 connections and make an HTTP/2 request malformed.
+CONNECTION_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection",
+                                "transfer-encoding", "upgrade"})
+REQUEST_PSEUDO_HEADERS = frozenset({":method", ":scheme", ":path", ":authority"})
+# Outcomes a case may be allowed.
+SERVED = frozenset({"status-OK", "streamed"})
+RESET = frozenset({"rst-PROTOCOL_ERROR"})
+INTERNAL = frozenset({"status-INTERNAL"})
+BAD_CONTENT_TYPE = frozenset({"http-415/status-INTERNAL"})
+BAD_TIMEOUT = frozenset({"http-400/status-INTERNAL"})
+EXPIRED = frozenset({"status-DEADLINE_EXCEEDED"})
+CLOSED = frozenset({"closed"})
+MALFORMED_TIMEOUTS = ("", "abc", "1", "1x", "S", "-1S", "+1S", "100000000S", "12345678901m",
+                      "1.5S", "1\u0663S")
 
 
 @dataclass
@@ -115,8 +149,26 @@ class Case:
     chunks: list[bytes] = field(default_factory=list)  # DATA frames; the last ends the stream
     raw: bytes = b""
     raw_eof: bool = False
-    expect_ok: bool = False
     streaming: bool = False
+    # The outcomes this case may get; None: any answer on its own stream (a grpc-status
+    # with :status 200, or a live stream), never a reset or a closed connection.
+    expect: frozenset[str] | None = None
+    expect_message: str = ""  # text the grpc-message must hold (for the expected outcomes)
+
+    def allows(self, answer: Answer) -> bool:
+        if self.expect is None:
+            return answer.outcome == "streamed" or answer.outcome.startswith("status-")
+        if answer.outcome not in self.expect:
+            return False
+        return not self.expect_message or self.expect_message in answer.message
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the server did with one case."""
+
+    outcome: str  # see the module docstring
+    message: str = ""  # grpc-message, percent-decoded
 
 
 def frame(payload: bytes, *, compressed: int = 0, length: int | None = None) -> bytes:
@@ -130,6 +182,32 @@ def base_headers(method: str, timeout: str | None = None) -> list[tuple[str, str
     if timeout is not None:
         headers.append(("grpc-timeout", timeout))
     return headers
+
+
+def malformed(headers: list[tuple[str, str]], body_length: int) -> bool:
+    """Whether RFC 9113 §8.2-8.3 makes this request malformed (a stream error).
+
+    Written from the RFC for the bench, independently of the server's own check.
+    """
+    seen: set[str] = set()
+    regular = False
+    for name, value in headers:
+        if value != value.strip(" \t") or any(c in value for c in "\r\n\x00"):
+            return True
+        if name.startswith(":"):
+            if regular or name in seen or name not in REQUEST_PSEUDO_HEADERS:
+                return True
+            seen.add(name)
+            continue
+        regular = True
+        if name != name.lower() or name in CONNECTION_HEADERS:
+            return True
+        if name == "te" and value != "trailers":
+            return True
+        if name == "content-length" and (not value.isdigit() or int(value) != body_length):
+            return True
+    path = dict(headers).get(":path", "")
+    return not {":method", ":scheme", ":path"} <= seen or not path.startswith("/")
 
 
 class Generator:
@@ -192,7 +270,7 @@ class Generator:
         if r < 0.08:
             m = self.method()
             return Case("valid", headers=base_headers(m, rng.choice((None, "5S", "100m"))),
-                        chunks=[frame(self.valid_payload(m))], expect_ok=True,
+                        chunks=[frame(self.valid_payload(m))], expect=SERVED,
                         streaming=m == "ListAndWatch")
         if r < 0.33:
             m = self.method()
@@ -215,63 +293,100 @@ class Generator:
         m = self.method()
         payload = self.valid_payload(m)
         op = rng.randrange(9)
+        expect: frozenset[str] = INTERNAL
+        truncated = False
         if op == 0:  # declared longer than sent
             data = frame(payload, length=len(payload) + rng.randint(1, 1000))
-        elif op == 1:  # declared shorter than sent
+            truncated = True
+        elif op == 1:  # declared shorter than sent: what follows is parsed as more messages
             data = frame(payload, length=rng.randint(0, max(0, len(payload) - 1)))
+            expect = SERVED if not payload else INTERNAL | {"status-RESOURCE_EXHAUSTED"}
         elif op == 2:  # compressed flag set (no grpc-encoding)
             data = frame(payload, compressed=1)
         elif op == 3:  # odd flag byte
             data = frame(payload, compressed=rng.randint(2, 255))
         elif op == 4:  # huge declared length
             data = frame(payload, length=rng.choice((MAX_MESSAGE + 1, 2**31, 2**32 - 1)))
+            expect = frozenset({"status-RESOURCE_EXHAUSTED"})
         elif op == 5:  # no message at all
             data = b""
         elif op == 6:  # two messages
             data = frame(payload) + frame(payload)
         elif op == 7:  # a partial header
             data = frame(payload)[:rng.randint(1, 4)]
-        else:  # a message of exactly the limit + 1, really sent
-            data = frame(b"\x00" * (MAX_MESSAGE + 1)) if rng.random() < 0.02 else frame(payload) + b"\x00"
+            truncated = True
+        elif rng.random() < 0.02:  # a message of exactly the limit + 1, really sent
+            data = frame(b"\x00" * (MAX_MESSAGE + 1))
+            expect = frozenset({"status-RESOURCE_EXHAUSTED"})
+        else:  # a whole message, then the first byte of another
+            data = frame(payload) + b"\x00"
+            truncated = True
         return Case("framing", f"op{op}", base_headers(m), self.split(data),
-                    streaming=m == "ListAndWatch")
+                    streaming=m == "ListAndWatch", expect=expect,
+                    expect_message="truncated" if truncated else "")
 
     def headers_case(self) -> Case:
         rng = self.rng
         m = self.method()
         headers = base_headers(m)
+        body = frame(self.valid_payload(m))
         op = rng.randrange(10)
+        expect: frozenset[str] | None = SERVED
+        message = ""
         if op == 0:
             headers = [h for h in headers if h[0] != "content-type"]
+            expect, message = BAD_CONTENT_TYPE, "content-type"
         elif op == 1:
-            headers = [(k, rng.choice(("text/plain", "application/grpc+json", "", "application/grpcx"))
-                        if k == "content-type" else v) for k, v in headers]
+            content_type = rng.choice(("text/plain", "application/grpc+json", "", "application/grpcx",
+                                       "application/grpc-web", "application/grpc; charset=utf-8"))
+            headers = [(k, content_type if k == "content-type" else v) for k, v in headers]
+            # application/grpc, then "+codec" or ";params" or nothing; grpc-go serves an
+            # unknown codec as proto, and so do we.
+            if content_type.startswith(("application/grpc+", "application/grpc;")):
+                expect = SERVED
+            else:
+                expect, message = BAD_CONTENT_TYPE, "content-type"
         elif op == 2:
             path = rng.choice(("/", "", "/v1beta1.DevicePlugin", "/v1beta1.DevicePlugin/",
                                "/v1beta1.DevicePlugin/Nope", "/x/y/z", "//", "/v1beta1.Registration/Register",
                                "noslash", "/" + rng.randbytes(8).hex()))
             headers = [(k, path if k == ":path" else v) for k, v in headers]
+            expect = RESET if not path.startswith("/") else frozenset(
+                {"status-UNIMPLEMENTED", "status-INTERNAL"})
         elif op == 3:
-            headers.append(("grpc-timeout", rng.choice(
-                ("", "abc", "1", "1n", "0S", "-1S", "99999999H", "1x", "S", "100000000S",
-                 "12345678901m", "1.5S", " 1S"))))
+            timeout = rng.choice(("1n", "0S", "99999999H", " 1S", *MALFORMED_TIMEOUTS))
+            headers.append(("grpc-timeout", timeout))
+            if timeout in MALFORMED_TIMEOUTS:
+                expect, message = BAD_TIMEOUT, "malformed grpc-timeout"
+            elif timeout in ("1n", "0S"):
+                expect = EXPIRED
+            elif timeout == " 1S":
+                expect = RESET  # a whitespace-padded value: malformed before it is a timeout
         elif op == 4:
-            headers.append(("grpc-encoding", rng.choice(("gzip", "deflate", "snappy", "identity", "x"))))
+            encoding = rng.choice(("gzip", "deflate", "snappy", "identity", "x"))
+            headers.append(("grpc-encoding", encoding))
+            expect = SERVED if encoding == "identity" else frozenset({"status-UNIMPLEMENTED"})
         elif op == 5:
             headers = [(k, "GET" if k == ":method" else v) for k, v in headers]
+            expect = frozenset({"http-405/status-INTERNAL"})
         elif op == 6:
             headers = [h for h in headers if h[0] != "te"]
+            expect = INTERNAL
         elif op == 7:  # random extra headers, possibly invalid ones
             for _ in range(rng.randint(1, 5)):
                 name = rng.choice(("x-" + rng.randbytes(3).hex(), "Upper-Case", "connection",
                                    "grpc-status", ":bogus", "te", "content-length"))
                 headers.append((name, rng.choice(("1", "", "trailers", "keep-alive", "\x00x"))))
+            expect = None  # a second "te: trailers" is refused by gRPC, for one
         elif op == 8:  # missing pseudo-headers
             drop = rng.choice((":method", ":path", ":scheme"))
             headers = [h for h in headers if h[0] != drop]
         else:
             rng.shuffle(headers)
-        return Case("headers", f"op{op}", headers, [frame(self.valid_payload(m))], streaming=m == "ListAndWatch")
+        if malformed(headers, len(body)):
+            expect, message = RESET, ""
+        return Case("headers", f"op{op}", headers, [body], streaming=m == "ListAndWatch",
+                    expect=expect, expect_message=message)
 
     def garbage_case(self) -> Case:
         rng = self.rng
@@ -280,15 +395,15 @@ class Generator:
             data = rng.randbytes(rng.randint(1, 200))
             if data[:1] == b"P":
                 data = b"Q" + data[1:]
-            return Case("garbage", raw=data, raw_eof=False)
+            return Case("garbage", raw=data, raw_eof=False, expect=CLOSED)
         if op == 1:
-            return Case("garbage", raw=b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", raw_eof=False)
+            return Case("garbage", raw=b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", raw_eof=False, expect=CLOSED)
         if op == 2:  # a corrupted preface
             b = bytearray(PREFACE)
             b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
-            return Case("garbage", raw=bytes(b), raw_eof=False)
+            return Case("garbage", raw=bytes(b), raw_eof=False, expect=CLOSED)
         if op == 3:  # preface, then random frames
-            return Case("garbage", raw=PREFACE + rng.randbytes(rng.randint(1, 300)), raw_eof=True)
+            return Case("garbage", raw=PREFACE + rng.randbytes(rng.randint(1, 300)), raw_eof=True, expect=CLOSED)
         # preface, then frames with plausible headers and random bodies
         out = bytearray(PREFACE)
         for _ in range(rng.randint(1, 4)):
@@ -296,7 +411,7 @@ class Generator:
             out += struct.pack(">I", len(body))[1:] + bytes((rng.randrange(10), rng.randrange(256)))
             out += struct.pack(">I", rng.choice((0, 1, 2, 3, rng.randrange(2**31))))
             out += body
-        return Case("garbage", raw=bytes(out), raw_eof=True)
+        return Case("garbage", raw=bytes(out), raw_eof=True, expect=CLOSED)
 
 
 # --- the raw client ---------------------------------------------------------------------
@@ -307,12 +422,15 @@ class Closed(Exception):
 
 
 class RawConnection:
+    """A raw HTTP/2 client connection: sends whatever headers it is given, unvalidated."""
+
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.h2 = h2.connection.H2Connection(config=h2.config.H2Configuration(
             client_side=True, header_encoding="utf-8", validate_outbound_headers=False,
             normalize_outbound_headers=False, validate_inbound_headers=False))
         self.closed = False
+        self.goaway: int | None = None  # the error code of the server's GOAWAY, if any
 
     @classmethod
     async def open(cls, path: Path) -> RawConnection:
@@ -374,6 +492,7 @@ class RawConnection:
                 self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             if isinstance(ev, h2.events.ConnectionTerminated):
                 self.closed = True
+                self.goaway = ev.error_code
         await self.flush()
         if self.closed:
             raise Closed()
@@ -385,19 +504,31 @@ class _Early(Exception):
         self.events = events
 
 
-def _status_of(headers: list[tuple[str, str]]) -> str | None:
-    for k, v in headers:
-        k = k.decode() if isinstance(k, bytes) else k
-        v = v.decode() if isinstance(v, bytes) else v
-        if k == "grpc-status":
-            try:
-                return "status-" + STATUS_NAMES.get(int(v), v)
-            except ValueError:
-                return "status-" + v
-    return None
+def _answer_of(headers: list[tuple[str, str]]) -> Answer | None:
+    """The outcome a header block carries (grpc-status, and :status where not 200)."""
+    fields = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+              for k, v in headers}
+    code = fields.get("grpc-status")
+    if code is None:
+        return None
+    try:
+        outcome = "status-" + STATUS_NAMES.get(int(code), code)
+    except ValueError:
+        outcome = "status-" + code
+    http_status = fields.get(":status", "200")
+    if http_status != "200":
+        outcome = f"http-{http_status}/{outcome}"
+    return Answer(outcome, urllib.parse.unquote(fields.get("grpc-message", "")))
 
 
-async def run_stream(conn: RawConnection, case: Case) -> str:
+def _reset_outcome(error_code: int) -> str:
+    try:
+        return f"rst-{h2.errors.ErrorCodes(error_code).name}"
+    except ValueError:
+        return f"rst-{error_code}"
+
+
+async def run_stream(conn: RawConnection, case: Case) -> Answer:
     """Send one request and read until its outcome; ``Closed`` if the connection went."""
     sid = conn.h2.get_next_available_stream_id()
     assert case.headers is not None
@@ -416,14 +547,14 @@ async def run_stream(conn: RawConnection, case: Case) -> str:
         pending = early.events
     except h2.exceptions.StreamClosedError:
         pass  # the server already answered and reset this stream; the events tell
-    status: str | None = None
+    status: Answer | None = None
     got_data = False
     while True:
         for ev in pending:
             if getattr(ev, "stream_id", None) != sid:
                 continue
             if isinstance(ev, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
-                status = _status_of(ev.headers) or status
+                status = _answer_of(ev.headers) or status
             elif isinstance(ev, h2.events.DataReceived):
                 got_data = True
                 if case.streaming and status is None:
@@ -433,15 +564,15 @@ async def run_stream(conn: RawConnection, case: Case) -> str:
                     except h2.exceptions.StreamClosedError:
                         continue  # it ended in this same read: its trailers tell
                     await conn.flush()
-                    return "streamed"
+                    return Answer("streamed")
             elif isinstance(ev, h2.events.StreamReset):
-                return status or "rst"
+                return status or Answer(_reset_outcome(ev.error_code))
             elif isinstance(ev, h2.events.StreamEnded):
-                return status or ("FAIL-no-status" + ("-data" if got_data else ""))
+                return status or Answer("FAIL-no-status" + ("-data" if got_data else ""))
         pending = await conn.receive()
 
 
-async def run_garbage(path: Path, case: Case) -> str:
+async def run_garbage(path: Path, case: Case) -> Answer:
     stream = await trio.open_unix_socket(os.fspath(path))
     async with stream:
         try:
@@ -449,14 +580,14 @@ async def run_garbage(path: Path, case: Case) -> str:
             if case.raw_eof:
                 await stream.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return "closed"
+            return Answer("closed")
         while True:
             try:
                 data = await stream.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return "closed"
+                return Answer("closed")
             if not data:
-                return "closed"
+                return Answer("closed")
 
 
 # --- the scenario ----------------------------------------------------------------------
@@ -566,10 +697,10 @@ async def _worker(path: Path, queue: list[Case], report: Report, offset: int, n:
         while queue:
             index = offset + n - len(queue)
             case = queue.pop()
-            outcome = "FAIL-hang"
+            answer = Answer("FAIL-hang")
             with trio.move_on_after(CASE_TIMEOUT):
                 if case.headers is None:
-                    outcome = await run_garbage(path, case)
+                    answer = await run_garbage(path, case)
                 else:
                     for _attempt in range(2):
                         if conn is None or conn.closed:
@@ -578,14 +709,15 @@ async def _worker(path: Path, queue: list[Case], report: Report, offset: int, n:
                             conn = await RawConnection.open(path)
                             report.connections += 1
                         try:
-                            outcome = await run_stream(conn, case)
+                            answer = await run_stream(conn, case)
                             break
                         except Closed:
-                            outcome = "closed"
+                            answer = Answer("closed")
                             # An already-dead connection we only noticed now: retry once
                             # on a fresh one, unless this case killed it.
                             if conn.h2.get_next_available_stream_id() > 3:
                                 break
+            outcome = answer.outcome
             if outcome == "FAIL-hang" and conn is not None:
                 await conn.close()  # the stream's state is unknown: start afresh
             report.cases += 1
@@ -593,8 +725,12 @@ async def _worker(path: Path, queue: list[Case], report: Report, offset: int, n:
             report.by_kind[f"{case.kind}{'/' + case.detail if case.detail else ''}:{outcome}"] += 1
             if outcome.startswith("FAIL"):
                 report.fail(f"case {index} ({case.kind}): {outcome}: {describe(case)}")
-            elif case.expect_ok and outcome not in ("status-OK", "streamed"):
-                report.fail(f"case {index} (valid): {outcome}: {describe(case)}")
+            elif not case.allows(answer):
+                wanted = "an answer on its stream" if case.expect is None else sorted(case.expect)
+                if case.expect_message:
+                    wanted = f"{wanted} saying {case.expect_message!r}"
+                report.fail(f"case {index} ({case.kind}): expected {wanted}, got {outcome}"
+                            f"{f' ({answer.message})' if answer.message else ''}: {describe(case)}")
     finally:
         if conn is not None:
             with trio.CancelScope(shield=True):
@@ -609,9 +745,9 @@ def describe(case: Case) -> str:
 
 
 def format_report(report: Report) -> str:
-    lines = [f"cases: {report.cases} in {report.elapsed:.1f} s "
-             f"({report.cases / max(report.elapsed, 1e-9):.0f}/s), "
-             f"{report.connections} raw connections, {report.health_checks} health checks"]
+    lines = [(f"cases: {report.cases} in {report.elapsed:.1f} s "
+              f"({report.cases / max(report.elapsed, 1e-9):.0f}/s), "
+              f"{report.connections} raw connections, {report.health_checks} health checks")]
     for outcome, count in sorted(report.outcomes.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {outcome:28} {count}")
     lines.append("by kind:")

@@ -3,7 +3,9 @@
 Our server is called by grpcio's client (in a worker thread, or in another process when
 the client must be killed), and our client calls grpcio's server.  Each test reads as the
 behaviour it pins: a client resets a stream and the handler is cancelled, a client dies
-and its socket is released, the server shuts down and open streams end.
+and its socket is released, the server shuts down and open streams end.  Requests no
+gRPC library would send (malformed header blocks, cut-short messages, bad grpc-timeout
+or content-type) go through the hostile bench's raw HTTP/2 client.
 
 Time bounds here are hang guards (seconds), not performance asserts; the latency of
 cancellation is measured in bench/cancel.py.
@@ -16,19 +18,22 @@ import os
 import pathlib
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
 import threading
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent import futures
 from typing import Any
 
 import grpc
+import h2.errors
 import pytest
 import trio
 
+from tests.test_hostile import hostile  # bench/hostile.py: its raw HTTP/2 client
 from trio_gpu_plugin import RpcError, Service, StatusCode, open_unix_channel, serve_unix
 from trio_gpu_plugin.proto import v1beta1
 
@@ -443,6 +448,244 @@ async def test_stale_socket_file_is_replaced_but_other_files_are_not(
 async def test_service_with_a_handler_for_a_method_it_lacks_is_refused() -> None:
     with pytest.raises(ValueError, match="has no method"):
         Service(v1beta1.DEVICE_PLUGIN, {"Alocate": allocate})
+
+
+# --- a raw HTTP/2 client against our server: what the specs answer to bad requests ----
+
+
+GOOD_BODY = hostile.frame(allocate_request("GPU-1").SerializeToString())
+Header = tuple[str, str] | tuple[bytes, bytes]
+
+
+def request(
+    *, drop: str = "", replace: dict[str, str] | None = None, add: Sequence[Header] = (),
+    first: Sequence[Header] = (),
+) -> list[Header]:
+    """An Allocate request header block: ``first`` ahead of the pseudo-headers, ``drop``
+    one header, ``replace`` values by name, ``add`` headers at the end."""
+    replace = replace or {}
+    headers: list[Header] = [
+        (name, replace.get(name, value)) for name, value in hostile.base_headers("Allocate")
+        if name != drop
+    ]
+    return [*first, *headers, *add]
+
+
+class CountingAllocate:
+    """An Allocate handler that counts its calls and never reaches a checkpoint, so only
+    the server's own checks can keep it from answering."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, request: v1beta1.AllocateRequest) -> v1beta1.AllocateResponse:
+        self.calls += 1
+        return v1beta1.AllocateResponse(container_responses=[v1beta1.ContainerAllocateResponse()])
+
+
+async def raw_call(path: str, headers: list[Header], chunks: Sequence[bytes]) -> Any:
+    """One request on a fresh raw connection: its ``hostile.Answer``."""
+    conn = await hostile.RawConnection.open(path)
+    try:
+        with trio.fail_after(HANG_GUARD):
+            case = hostile.Case("test", headers=headers, chunks=list(chunks))
+            return await hostile.run_stream(conn, case)
+    finally:
+        await conn.close()
+
+
+MALFORMED = {
+    "empty :path": request(replace={":path": ""}),
+    ":path without a leading slash": request(replace={":path": "v1beta1.DevicePlugin/Allocate"}),
+    "value with leading whitespace": request(add=[("x-note", " GPU-1")]),
+    "value with trailing whitespace": request(add=[("x-note", "GPU-1\t")]),
+    "NUL in a value": request(add=[("x-note", "GPU\x00-1")]),
+    "CR LF in a value": request(add=[("x-note", "GPU-1\r\nx-injected: 1")]),
+    "value not UTF-8": request(add=[(b"x-note", b"GPU-\xff")]),
+    "uppercase name": request(add=[("X-Note", "GPU-1")]),
+    "space in a name": request(add=[("x note", "GPU-1")]),
+    "missing :method": request(drop=":method"),
+    "missing :scheme": request(drop=":scheme"),
+    "missing :path": request(drop=":path"),
+    "repeated :path": request(first=[(":path", "/v1beta1.DevicePlugin/Allocate")]),
+    "pseudo-header after a regular one": request(drop=":authority", add=[(":authority", "localhost")]),
+    "unknown pseudo-header": request(first=[(":protocol", "grpc")]),
+    "response pseudo-header": request(first=[(":status", "200")]),
+    "connection-specific header": request(add=[("connection", "keep-alive")]),
+    "transfer-encoding": request(add=[("transfer-encoding", "chunked")]),
+    "te other than trailers": request(replace={"te": "gzip"}),
+    "content-length not a number": request(add=[("content-length", "ten")]),
+    "content-length the body does not have": request(add=[("content-length", "1")]),
+}
+
+
+@pytest.mark.parametrize("headers", list(MALFORMED.values()), ids=list(MALFORMED))
+async def test_a_malformed_request_header_block_resets_only_its_stream(
+    nursery: trio.Nursery, socket_dir: pathlib.Path, headers: list[Header]
+) -> None:
+    # RFC 9113 §8.1.1 (RFC 7540 §8.1.2.6): a malformed request is a stream error of type
+    # PROTOCOL_ERROR; the connection, and the other calls on it, go on.
+    watch, counting = Watch(), CountingAllocate()
+    path = await start_server(nursery, socket_dir / "p.sock",
+                              {"Allocate": counting, "ListAndWatch": watch})
+    conn = await hostile.RawConnection.open(path)
+    try:
+        with trio.fail_after(HANG_GUARD):
+            watching = conn.h2.get_next_available_stream_id()
+            conn.h2.send_headers(watching, hostile.base_headers("ListAndWatch"))
+            await conn.send_data(watching, hostile.frame(b""), end=True)
+            await watch.started.wait()
+            bad = await hostile.run_stream(
+                conn, hostile.Case("bad", headers=headers, chunks=[GOOD_BODY]))
+            good = await hostile.run_stream(
+                conn, hostile.Case("good", headers=hostile.base_headers("Allocate"), chunks=[GOOD_BODY]))
+        watch_cancelled = watch.cancelled.is_set()
+    finally:
+        await conn.close()
+    assert bad.outcome == "rst-PROTOCOL_ERROR"
+    assert good.outcome == "status-OK"
+    assert conn.goaway is None
+    assert not watch_cancelled, "the call in flight on the same connection went on"
+    assert counting.calls == 1, "only the well-formed request reached the handler"
+
+
+async def test_a_header_block_hpack_cannot_decode_still_closes_the_connection(
+    nursery: trio.Nursery, socket_dir: pathlib.Path
+) -> None:
+    # RFC 9113 §4.3: the HPACK state is lost with it, so it is a connection error of type
+    # COMPRESSION_ERROR.
+    path = await start_server(nursery, socket_dir / "p.sock", {"Allocate": allocate})
+    conn = await hostile.RawConnection.open(path)
+    block = b"\x80"  # an indexed field with index 0, which no table has
+    # HEADERS (type 1) with END_HEADERS and END_STREAM, on stream 1.
+    headers_frame = struct.pack(">I", len(block))[1:] + bytes((0x1, 0x4 | 0x1)) + struct.pack(">I", 1)
+    try:
+        await conn.stream.send_all(headers_frame + block)
+        with trio.fail_after(HANG_GUARD), pytest.raises(hostile.Closed):
+            while True:
+                await conn.receive()
+    finally:
+        await conn.close()
+    assert conn.goaway == h2.errors.ErrorCodes.COMPRESSION_ERROR
+
+
+TRUNCATED = {
+    "prefix announces more than was sent": (
+        [struct.pack(">BI", 0, 100) + b"x" * 4, b"x" * 6],
+        "length prefix announced 100 bytes, the stream ended after 10"),
+    "part of a prefix": ([b"\x00\x00\x00"], "ended 3 bytes into a 5-byte length prefix"),
+    "a whole message, then part of another": (
+        [GOOD_BODY + b"\x00\x00"], "ended 2 bytes into a 5-byte length prefix"),
+}
+
+
+@pytest.mark.parametrize("chunks, says", list(TRUNCATED.values()), ids=list(TRUNCATED))
+async def test_a_request_message_cut_short_by_the_end_of_the_stream_is_internal(
+    nursery: trio.Nursery, socket_dir: pathlib.Path, chunks: list[bytes], says: str
+) -> None:
+    # What grpc-go answers ("grpc: failed to receive the whole message"): INTERNAL, and
+    # the handler is never called.
+    counting = CountingAllocate()
+    path = await start_server(nursery, socket_dir / "p.sock", {"Allocate": counting})
+    answer = await raw_call(path, request(), chunks)
+    assert answer.outcome == "status-INTERNAL"
+    assert "request message truncated" in answer.message and says in answer.message
+    assert counting.calls == 0
+
+
+@pytest.mark.parametrize(
+    "timeout", ["-1S", "123456789S", "1.5S", "+1S", "1\u0663S", "1x", "S", "5", ""])
+async def test_a_malformed_grpc_timeout_is_internal_and_never_handled(
+    nursery: trio.Nursery, socket_dir: pathlib.Path, timeout: str
+) -> None:
+    # The spec: 1 to 8 ASCII digits, then one of H M S m u n.  grpc-go answers a
+    # malformed one with :status 400 and INTERNAL "malformed grpc-timeout".
+    counting = CountingAllocate()
+    path = await start_server(nursery, socket_dir / "p.sock", {"Allocate": counting})
+    answer = await raw_call(path, request(add=[("grpc-timeout", timeout)]), [GOOD_BODY])
+    assert answer.outcome == "http-400/status-INTERNAL"
+    assert f"malformed grpc-timeout {timeout!r}" in answer.message
+    assert counting.calls == 0
+
+
+@pytest.mark.parametrize("timeout", ["0S", "0m", "0n", "1n"])
+async def test_an_expired_grpc_timeout_is_deadline_exceeded_and_never_handled(
+    nursery: trio.Nursery, socket_dir: pathlib.Path, timeout: str
+) -> None:
+    counting = CountingAllocate()
+    path = await start_server(nursery, socket_dir / "p.sock", {"Allocate": counting})
+    answer = await raw_call(path, request(add=[("grpc-timeout", timeout)]), [GOOD_BODY])
+    assert answer.outcome == "status-DEADLINE_EXCEEDED"
+    assert "deadline" in answer.message
+    assert counting.calls == 0
+
+
+BAD_CONTENT_TYPES = {
+    "application/grpcfoo": request(replace={"content-type": "application/grpcfoo"}),
+    "application/grpc-web": request(replace={"content-type": "application/grpc-web"}),
+    "application/json": request(replace={"content-type": "application/json"}),
+    "empty": request(replace={"content-type": ""}),
+    "missing": request(drop="content-type"),
+    "twice": request(add=[("content-type", "application/grpc")]),
+}
+
+
+@pytest.mark.parametrize("headers", list(BAD_CONTENT_TYPES.values()), ids=list(BAD_CONTENT_TYPES))
+async def test_a_content_type_other_than_grpc_is_415_internal_and_never_handled(
+    nursery: trio.Nursery, socket_dir: pathlib.Path, headers: list[Header]
+) -> None:
+    # As grpc-go answers: :status 415 and a grpc-status, in one HEADERS frame ending the
+    # stream.
+    counting = CountingAllocate()
+    path = await start_server(nursery, socket_dir / "p.sock", {"Allocate": counting})
+    answer = await raw_call(path, headers, [GOOD_BODY])
+    assert answer.outcome == "http-415/status-INTERNAL"
+    assert "content-type" in answer.message
+    assert counting.calls == 0
+
+
+@pytest.mark.parametrize("content_type", [
+    "application/grpc", "application/grpc+proto", "application/grpc; charset=utf-8",
+    "application/grpc+json",  # an unknown codec is read as proto, as grpc-go does
+])
+async def test_grpc_content_types_with_a_codec_or_parameters_are_served(
+    nursery: trio.Nursery, socket_dir: pathlib.Path, content_type: str
+) -> None:
+    path = await start_server(nursery, socket_dir / "p.sock", {"Allocate": allocate})
+    answer = await raw_call(path, request(replace={"content-type": content_type}), [GOOD_BODY])
+    assert answer.outcome == "status-OK"
+
+
+async def test_a_method_other_than_post_is_405_internal_and_never_handled(
+    nursery: trio.Nursery, socket_dir: pathlib.Path
+) -> None:
+    counting = CountingAllocate()
+    path = await start_server(nursery, socket_dir / "p.sock", {"Allocate": counting})
+    answer = await raw_call(path, request(replace={":method": "PUT"}), [GOOD_BODY])
+    assert answer.outcome == "http-405/status-INTERNAL"
+    assert "'PUT'" in answer.message
+    assert counting.calls == 0
+
+
+
+async def test_a_grpc_header_given_twice_fails_that_call_only(
+    nursery: trio.Nursery, socket_dir: pathlib.Path
+) -> None:
+    # purerpc reads grpc-accept-encoding as one value; given twice it got a list and
+    # raised AttributeError out of the connection's task, closing the connection.
+    counting = CountingAllocate()
+    path = await start_server(nursery, socket_dir / "p.sock", {"Allocate": counting})
+    twice = request(add=[("grpc-accept-encoding", "identity"), ("grpc-accept-encoding", "gzip")])
+    conn = await hostile.RawConnection.open(path)
+    try:
+        with trio.fail_after(HANG_GUARD):
+            refused = await hostile.run_stream(conn, hostile.Case("twice", headers=twice, chunks=[GOOD_BODY]))
+            served = await hostile.run_stream(conn, hostile.Case("good", headers=request(), chunks=[GOOD_BODY]))
+    finally:
+        await conn.close()
+    assert refused.outcome == "status-INTERNAL"
+    assert "malformed request" in refused.message
+    assert served.outcome == "status-OK" and counting.calls == 1
 
 
 # --- our client, grpcio server -------------------------------------------------------

@@ -10,9 +10,12 @@ out in one ``send``.
 
 Server side, every call runs in its own task inside its connection's nursery, under a
 cancel scope that is cancelled when the client resets the stream (RST_STREAM) and whose
-deadline is the client's ``grpc-timeout``.  When the client goes away (EOF), the
-connection's nursery is cancelled, so every call it had is cancelled and the socket is
-closed.  Handler errors become statuses: :class:`~trio_gpu_plugin.RpcError` its own
+deadline is the client's ``grpc-timeout``, counted from the request's headers; a call
+whose deadline has passed by the time its request is complete (``grpc-timeout: 0S``)
+is answered ``DEADLINE_EXCEEDED`` without running its handler.  When the client goes
+away (EOF), the connection's nursery is cancelled, so every call it had is cancelled
+and the socket is closed.  A malformed request (see ``_grpc``) resets only its own
+stream.  Handler errors become statuses: :class:`~trio_gpu_plugin.RpcError` its own
 code and message, anything else ``UNKNOWN`` with the exception's text (the traceback
 goes to the log); ``trio.Cancelled`` always propagates.
 
@@ -54,6 +57,7 @@ from ._grpc import (
     CallFailed,
     CallReset,
     GrpcConnection,
+    MalformedRequest,
     RpcError,
     Status,
     StatusCode,
@@ -235,6 +239,7 @@ class _ServerCall:
     stream_id: int
     route: _Route
     timeout: datetime.timedelta | None
+    deadline: float | None = None  # trio time, from the headers' arrival and timeout
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     request: bytes | None = None
     extra_messages: bool = False
@@ -304,7 +309,16 @@ class _ServerConnection:
                 call.reset = True  # its answer is this status; nothing else may follow
                 call.scope.cancel()
             log.warning("%s: failing a call: %s", self.link.peer, event.status)
-            self._answer(event.stream_id, event.status, response_started=False)
+            self._answer(event.stream_id, event.status, response_started=False,
+                         http_status=event.http_status)
+        elif isinstance(event, MalformedRequest):
+            # The state machine has reset the stream (PROTOCOL_ERROR): no answer can follow.
+            call = self.calls.pop(event.stream_id, None)
+            if call is not None:
+                call.reset = True
+                call.scope.cancel()
+            log.warning("%s: resetting stream %d: malformed request: %s",
+                        self.link.peer, event.stream_id, event.reason)
 
     def _request_received(self, event: RequestReceived) -> None:
         path = f"/{event.service_name}/{event.method_name}"
@@ -318,16 +332,21 @@ class _ServerConnection:
                 response_started=False,
             )
             return
-        self.calls[event.stream_id] = _ServerCall(event.stream_id, route, event.timeout)
+        deadline = (None if event.timeout is None
+                    else trio.current_time() + event.timeout.total_seconds())
+        self.calls[event.stream_id] = _ServerCall(event.stream_id, route, event.timeout, deadline)
 
-    def _answer(self, stream_id: int, status: Status, *, response_started: bool) -> None:
-        """Queue the trailers that end a call with ``status``."""
+    def _answer(
+        self, stream_id: int, status: Status, *, response_started: bool, http_status: int = 200
+    ) -> None:
+        """Queue the trailers that end a call with ``status`` (under ``:status``
+        ``http_status`` when nothing was sent yet)."""
         conn = self.link.conn
         try:
             if response_started:
                 conn.end_response(stream_id, status)
             else:
-                conn.respond_status(stream_id, status, CONTENT_TYPE_SUFFIX)
+                conn.respond_status(stream_id, status, CONTENT_TYPE_SUFFIX, http_status=http_status)
         except h2.exceptions.StreamClosedError:
             return  # reset meanwhile: nobody is listening
         conn.message_read_buffers.pop(stream_id, None)
@@ -342,8 +361,20 @@ class _ServerConnection:
         self.link.kick()
 
     async def _run_call(self, call: _ServerCall) -> None:
-        if call.timeout is not None:
-            call.scope.deadline = trio.current_time() + call.timeout.total_seconds()
+        if call.deadline is not None:
+            if trio.current_time() >= call.deadline:
+                # Expired on arrival (grpc-timeout 0) or while the request came in: the
+                # client has stopped waiting, so the handler is not run at all (one that
+                # never reaches a checkpoint would otherwise answer OK).
+                self.calls.pop(call.stream_id, None)
+                self._answer(call.stream_id, Status(
+                    StatusCode.DEADLINE_EXCEEDED,
+                    f"{call.route.path}: the client's deadline "
+                    f"({call.timeout.total_seconds() if call.timeout else 0:g} s) passed "
+                    "before the call could start",
+                ), response_started=False)
+                return
+            call.scope.deadline = call.deadline
         status: Status | None = None
         with call.scope:
             status = await self._invoke(call)
