@@ -49,11 +49,15 @@ REGISTER_TIMEOUT: Final = 30.0
 #: First retry delay after a failed Register, doubled on each failure up to the cap.
 RETRY_INITIAL: Final = 0.1
 RETRY_CAP: Final = 30.0
+#: Cap on the delay between attempts to serve our socket when that fails (a directory
+#: that is unwritable for a while): each attempt is one cheap syscall, and serving again
+#: soon after the cause goes away matters more.
+SERVE_RETRY_CAP: Final = 5.0
 
 
-def _backoff(attempt: int) -> float:
+def _backoff(attempt: int, cap: float = RETRY_CAP) -> float:
     # "Full jitter" keeps several plugins restarted together from retrying in lockstep.
-    return random.uniform(0.5, 1.0) * min(RETRY_CAP, RETRY_INITIAL * 2.0**attempt)
+    return random.uniform(0.5, 1.0) * min(cap, RETRY_INITIAL * 2.0**attempt)
 
 
 class DevicePlugin:
@@ -97,6 +101,8 @@ class DevicePlugin:
         self.registrations = {r.name: 0 for r in resources}
         self._epochs: dict[str, trio.CancelScope] = {}
         self._restart_reasons: dict[str, str] = {}
+        # Why serving each resource's socket last failed (logged once per cause).
+        self._serve_failures: dict[str, str] = {}
         self._registered = {r.name: trio.Event() for r in resources}
 
     def socket_path(self, resource: Resource) -> pathlib.Path:
@@ -152,13 +158,20 @@ class DevicePlugin:
         try:
             reason = await self._epoch(service, kubelet, watcher)
         except* OSError as group:
-            # The directory vanished under us, or the socket cannot be bound: the
-            # kubelet is probably mid-restart.  Try again shortly.
+            # The directory vanished under us (the kubelet mid-restart), or the socket
+            # cannot be bound or removed (the directory unwritable for a while).
             failure = group.exceptions[0]  # type: ignore[assignment]
         if failure is not None:
-            delay = _backoff(min(failures, 8))
-            log.warning("%s: cannot serve %s: %s; trying again in %.1f s",
-                        name, self.socket_path(service.resource), failure, delay)
+            delay = _backoff(failures, SERVE_RETRY_CAP)
+            cause = f"{type(failure).__name__}: {failure}"
+            if self._serve_failures.get(name) != cause:
+                self._serve_failures[name] = cause
+                log.warning("%s: cannot serve %s: %s; retrying every few seconds (the same "
+                            "failure again is logged at debug level)",
+                            name, self.socket_path(service.resource), failure)
+            else:
+                log.debug("%s: still cannot serve (attempt %d): %s; next in %.1f s",
+                          name, failures + 1, failure, delay)
             await trio.sleep(delay)
             return failures + 1
         log.info("%s: starting over: %s", name, reason)
@@ -174,6 +187,10 @@ class DevicePlugin:
             self._epochs[resource.name] = epoch
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_unix, path, [service.service()])
+                failed = self._serve_failures.pop(resource.name, None)
+                if failed is not None:
+                    log.info("%s: serving %s again (it had failed with %s)",
+                             resource.name, path, failed)
                 baseline = {str(self.kubelet_socket): kubelet, str(path): identity(path)}
                 nursery.start_soon(self._watch, watcher, baseline, epoch, why)
                 await self._register(resource)
