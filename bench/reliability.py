@@ -25,8 +25,11 @@ Reported: throughput (admissions/s over the burst), latency p50/p99/max, correct
 counts, XID-to-table lag p50/max, and the longest gap between ListAndWatch updates.
 
 Run from the repository root: python bench/reliability.py load [--admissions N]
-[--clients N] [--seed N].  Later sections (soak, chaos, hostile, shutdown) go in as
-further subcommands: a scenario function returning a report, and a ``SECTIONS`` entry.
+[--clients N] [--seed N].  ``shutdown`` is the issue's item 5 (see :func:`shutdown`);
+``soak``, ``chaos`` and ``hostile`` run ``bench/soak.py``, ``bench/chaos.py`` and
+``bench/hostile.py`` with the rest of the command line, so this one script runs every
+full scenario.  A new section is a scenario function returning a report and a
+``SECTIONS`` entry.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from trio_gpu_plugin._configured import NodeSetup  # noqa: E402
 from trio_gpu_plugin._health import HealthChecks  # noqa: E402
 from trio_gpu_plugin._nvml_sim import SimGpuSpec, SimNodeSpec, SimulatedNVML  # noqa: E402
 from trio_gpu_plugin._nvml_source import NvmlNode  # noqa: E402
+from trio_gpu_plugin._observe import Observer  # noqa: E402
 from trio_gpu_plugin._runtime import DevicePlugin  # noqa: E402
 from trio_gpu_plugin.proto import v1beta1  # noqa: E402
 from trio_gpu_plugin.testing import FakeKubelet  # noqa: E402
@@ -113,7 +117,8 @@ class Served:
 
 async def serve_node(nursery: trio.Nursery, directory: pathlib.Path, spec: SimNodeSpec,
                      document: object, resource: str, *, recovery_window: float,
-                     probe_interval: float) -> Served:
+                     probe_interval: float, call_timeout: float = 10.0,
+                     observer: Observer | None = None) -> Served:
     """The configured plugin of ``tests/test_configured.py::serve_in_process`` over
     ``spec``, registered with a fake kubelet in ``directory``; returns once the kubelet
     holds the first table of ``resource``."""
@@ -126,12 +131,12 @@ async def serve_node(nursery: trio.Nursery, directory: pathlib.Path, spec: SimNo
     nvml.write_driver_root(root)
     config, _ = resolve_config({}, {}, document)
     node = NvmlNode(nvml, root=root, checks=HealthChecks(), recovery_window=recovery_window,
-                    probe_interval=probe_interval)
+                    probe_interval=probe_interval, call_timeout=call_timeout, observer=observer)
     await nursery.start(node.run)
     setup = NodeSetup.read(config, root)
     model = await node.wait_model()
     plugin = DevicePlugin(setup.resources(node, setup.plan(model)),
-                          kubelet_socket=kubelet.kubelet_socket)
+                          kubelet_socket=kubelet.kubelet_socket, observer=observer)
     await nursery.start(plugin.run)
     await kubelet.wait_registered(resource)
     endpoint = kubelet.resources[resource].endpoint
@@ -502,13 +507,28 @@ def add_shutdown(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 #: One entry per section: adds its subcommand (which sets ``section``).
 SECTIONS = [add_load, add_shutdown]
+#: Sections that are scripts of their own (bench/<name>.py), run with the rest of the
+#: command line: ``reliability.py soak --seconds 1800`` is ``soak.py --seconds 1800``.
+DELEGATED = {
+    "soak": "30 minutes of churn, sampling RSS, fds, tasks, threads (bench/soak.py)",
+    "chaos": "kubelet killed mid-call, socket deleted, directory unwritable, NVML hung "
+             "(bench/chaos.py)",
+    "hostile": "100,000 random and mutated gRPC requests over raw HTTP/2 (bench/hostile.py)",
+}
 
 
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] in DELEGATED:
+        import importlib
+
+        script = importlib.import_module(sys.argv[1])
+        return int(script.main(sys.argv[2:]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(required=True, metavar="SECTION")
     for add in SECTIONS:
         add(sub)
+    for name, what in DELEGATED.items():
+        sub.add_parser(name, help=f"{what}; its options: bench/{name}.py --help")
     args = parser.parse_args()
     # The plugin logs every Allocate at INFO; a thousand of them would bury the report.
     logging.basicConfig(level=logging.WARNING)
