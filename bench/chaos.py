@@ -222,6 +222,26 @@ async def registered_again(c: Chaos, resources: tuple[str, ...], before: dict[st
     return trio.current_time() - at
 
 
+async def new_kubelet(c: Chaos, out: Outcome, i: int) -> bool:
+    """Start a new kubelet and count the round: whether both resources were registered
+    with it again within the bound (the time taken is recorded)."""
+    before = {r: accepted(c.kubelet, r) for r in RESOURCES}
+    await c.kubelet.restart()
+    took = await registered_again(c, RESOURCES, before, REREGISTER_BOUND_S)
+    out.rounds += 1
+    if took is None:
+        out.problems.append(f"round {i}: not registered again within {REREGISTER_BOUND_S:g} s")
+        return False
+    out.latencies_s.append(took)
+    return True
+
+
+def no_errors(c: Chaos, out: Outcome, i: int, mark: int) -> None:
+    errors = c.logs.since(mark, logging.ERROR)
+    if errors:
+        out.problems.append(f"round {i}: ERROR logged: {errors[:2]}")
+
+
 async def admit_and_release(c: Chaos, resource: str, pod: str) -> None:
     admission = await c.kubelet.admit(resource, 1, pod=pod)
     c.kubelet.release(admission)
@@ -261,19 +281,12 @@ async def kill_mid_allocate(c: Chaos, rounds: int) -> Outcome:
         else:
             phases["before Allocate was answered"] += 1
         mark = len(c.logs.records)
-        before = {r: accepted(kubelet, r) for r in RESOURCES}
         await trio.sleep(0.05)  # dead for a moment: the plugin sees only dropped connections
-        await kubelet.restart()
-        took = await registered_again(c, RESOURCES, before, REREGISTER_BOUND_S)
-        out.rounds += 1
-        if took is None:
-            out.problems.append(f"round {i}: not registered again within {REREGISTER_BOUND_S:g} s")
+        if not await new_kubelet(c, out, i):
             continue
-        out.latencies_s.append(took)
         for resource_ in RESOURCES:
             await admit_and_release(c, resource_, f"after-{i}")
-        if c.logs.since(mark, logging.ERROR):
-            out.problems.append(f"round {i}: ERROR logged: {c.logs.since(mark, logging.ERROR)[:2]}")
+        no_errors(c, out, i, mark)
     out.figures["phases"] = dict(phases)
     if not phases["plugin answered Allocate, kubelet died before reading it"]:
         out.problems.append("no round killed the kubelet while the plugin answered Allocate; "
@@ -293,14 +306,8 @@ async def kill_mid_register(c: Chaos, rounds: int) -> Outcome:
         # The first Register is recorded by the kubelet, then it dies without answering.
         await kubelet.wait_until(lambda: len(kubelet.registrations) > total)  # noqa: B023
         await trio.sleep(0.5)  # the plugin's Register failed; it retries on the dead socket
-        before = {r: accepted(kubelet, r) for r in RESOURCES}
-        await kubelet.restart()
-        took = await registered_again(c, RESOURCES, before, REREGISTER_BOUND_S)
-        out.rounds += 1
-        if took is None:
-            out.problems.append(f"round {i}: not registered again within {REREGISTER_BOUND_S:g} s")
+        if not await new_kubelet(c, out, i):
             continue
-        out.latencies_s.append(took)
         failed = [m for m in c.logs.since(mark) if "registration with the kubelet failed" in m]
         warnings.append(len(failed))
         # Per resource at most two causes: the connection dropping mid-call, then the
@@ -309,8 +316,7 @@ async def kill_mid_register(c: Chaos, rounds: int) -> Outcome:
         if any(n > 2 for n in causes.values()) or len(set(failed)) != len(failed):
             out.problems.append(f"round {i}: registration failures logged more than once per "
                                 f"cause: {failed}")
-        if c.logs.since(mark, logging.ERROR):
-            out.problems.append(f"round {i}: ERROR logged: {c.logs.since(mark, logging.ERROR)[:2]}")
+        no_errors(c, out, i, mark)
     out.figures["registration warnings per round"] = warnings
     return out
 
