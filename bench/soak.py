@@ -32,14 +32,27 @@ to each metric; reported with the max.  The run fails (``Report.problems()``) wh
   table does not match the plugin's published devices, all healthy, within
   ``SETTLE_BOUND_S`` (stale device state).
 
+In-process, RSS measures the whole process, the test kit and this bench included (the
+fake kubelet keeps every registration for tests to inspect; the samples are kept too).
+``--process`` runs the plugin as operators do, ``python -m trio_gpu_plugin --simulate``
+in a process of its own, and samples that process alone (RSS, fds and threads from
+``/proc/<pid>``; its trio tasks cannot be counted from outside): XIDs and resets go
+through its ``--simulate-control`` socket, reloads are a rewritten config file and
+SIGHUP, kubelet restarts and admissions come from this process's fake kubelet.
+``--trace-memory`` says whose it is: ``tracemalloc`` snapshots at the end of the warm-up
+and once settled, the growth between them summed by owner (the plugin's package, the test
+kit, this bench, libraries, the standard library) and the files that grew most.  Tracing
+slows the run several times over, so its latencies are not the plugin's.
+
 Run from the repository root: ``python bench/soak.py [--seconds 1800] [--seed N]
-[--json]``; exits 1 on any problem.
+[--process | --trace-memory] [--json]``; exits 1 on any problem.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -47,10 +60,12 @@ import pathlib
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -64,6 +79,7 @@ import reliability as rel
 from trio_gpu_plugin._cli import Settings, build_parser
 from trio_gpu_plugin._cli import serve as serve_cli
 from trio_gpu_plugin._configured import NodeSetup
+from trio_gpu_plugin._control import send_control
 from trio_gpu_plugin._health import HealthChecks
 from trio_gpu_plugin._nvml_sim import SimulatedNVML
 from trio_gpu_plugin._nvml_source import NvmlNode
@@ -97,16 +113,21 @@ METRICS = ("rss_mib", "fds", "tasks", "threads")
 
 # --- sampling -------------------------------------------------------------------------
 
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
+def status(pid: int | str, field: str) -> int:
+    """A number from ``/proc/<pid>/status`` (``VmRSS`` in KiB, ``Threads``)."""
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(f"/proc/{pid}/status has no {field}")
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def rss_mib(pid: int | str = "self") -> float:
+    return status(pid, "VmRSS") / 1024
+
+
+def open_fds(pid: int | str = "self") -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def trio_tasks() -> int:
@@ -121,7 +142,10 @@ def trio_tasks() -> int:
     return count
 
 
-def sample() -> dict[str, float]:
+def sample(pid: int | None = None) -> dict[str, float]:
+    """This process's figures, or (``pid``) another's, whose trio tasks are not visible."""
+    if pid is not None:
+        return {"rss_mib": rss_mib(pid), "fds": open_fds(pid), "threads": status(pid, "Threads")}
     return {"rss_mib": rss_mib(), "fds": open_fds(), "tasks": trio_tasks(),
             "threads": threading.active_count()}
 
@@ -157,6 +181,10 @@ class Report:
     rejections: dict[str, int] = dataclasses.field(default_factory=dict)  # by first words
     stale: list[str] = dataclasses.field(default_factory=list)
     settle_s: float | None = None
+    #: With --trace-memory: traced heap growth (KiB) from the warm-up's end to settled,
+    #: by owner, and the files that grew most.
+    heap_growth_kib: dict[str, float] = dataclasses.field(default_factory=dict)
+    heap_top: list[str] = dataclasses.field(default_factory=list)
 
     def _after_warmup(self) -> list[dict[str, float]]:
         skip = int(len(self.samples) * WARMUP_FRACTION)
@@ -171,6 +199,8 @@ class Report:
         warm = self._warmup()
         out = {}
         for m in METRICS:
+            if self.samples and m not in self.samples[0]:
+                continue  # trio tasks of a plugin in another process
             out[m] = {
                 "slope_per_min": slope_per_minute([s["t"] for s in after], [s[m] for s in after]),
                 "max": max((s[m] for s in self.samples), default=0.0),
@@ -191,6 +221,8 @@ class Report:
             out.append(f"RSS grows {rss:.2f} MiB/min after warm-up "
                        f"(limit {RSS_SLOPE_LIMIT_MIB_PER_MIN:g})")
         for m, slack in SLACK.items():
+            if m not in trends:
+                continue
             t = trends[m]
             if t["settled"] > t["warmup_max"] + slack:
                 out.append(f"{m}: {t['settled']:g} once settled > warm-up max "
@@ -216,11 +248,16 @@ def config_document(replicas: int) -> dict[str, object]:
 @dataclasses.dataclass
 class Node:
     """The simulated node served through the CLI's ``serve`` to a fake kubelet."""
-    nvml: SimulatedNVML
     kubelet: FakeKubelet
     config_file: pathlib.Path
     uuids: list[str]  # GPU UUIDs by index
     replicas: int  # what the config file says now
+    #: The plugin's process (this one, unless --process).
+    pid: int
+    #: Injects one fault, a control-socket request ({"op": "xid", "gpu": 3, "xid": 79}).
+    inject: Callable[[dict[str, object]], Awaitable[None]]
+    #: Sampled in another process: tasks are not counted.
+    separate: bool = False
 
     def expected(self) -> set[str]:
         """The device IDs the current config file asks for (``<uuid>::<n>``)."""
@@ -244,7 +281,16 @@ async def serve(nursery: trio.Nursery, directory: pathlib.Path) -> Node:
     root = directory / "root"
     root.mkdir()
     nvml.write_driver_root(root)
-    node = Node(nvml, kubelet, directory / "config.json", [], REPLICA_COUNTS[0])
+
+    async def inject(request: dict[str, object]) -> None:
+        gpu = request["gpu"]
+        assert isinstance(gpu, int)
+        if request["op"] == "xid":
+            nvml.xid(gpu, 79)
+        else:
+            nvml.recover(gpu)
+
+    node = Node(kubelet, directory / "config.json", [], REPLICA_COUNTS[0], os.getpid(), inject)
     node.write_config(REPLICA_COUNTS[0])
     args = build_parser().parse_args(["--config-file", str(node.config_file),
                                       "--kubelet-socket", str(kubelet.kubelet_socket)])
@@ -257,6 +303,42 @@ async def serve(nursery: trio.Nursery, directory: pathlib.Path) -> Node:
     node.uuids = [g.uuid for g in (await nvml_node.wait_model()).gpus]
     await kubelet.wait_until(lambda: table_ids(node) == node.expected())
     return node
+
+
+async def serve_process(nursery: trio.Nursery, directory: pathlib.Path) -> tuple[Node, trio.Process]:
+    """The same node and configuration, served by ``python -m trio_gpu_plugin`` in a
+    process of its own; returns once the kubelet holds its table."""
+    kubelet = FakeKubelet(directory / "kubelet")
+    (directory / "kubelet").mkdir()
+    await nursery.start(kubelet.run)
+    node_file = directory / "node.json"
+    node_file.write_text(json.dumps({"name": "sixteen", "gpus": [
+        {"model": g.name, "numa_node": g.numa_node} for g in rel.SIXTEEN.gpus]}))
+    control = directory / "control.sock"
+
+    async def inject(request: dict[str, object]) -> None:
+        answer = await send_control(control, request)
+        if not answer.get("ok"):
+            raise RuntimeError(f"control socket refused {request}: {answer}")
+
+    node = Node(kubelet, directory / "config.json", [], REPLICA_COUNTS[0], 0, inject,
+                separate=True)
+    node.write_config(REPLICA_COUNTS[0])
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SIMULATE", "SIMULATE_CONTROL", "KUBELET_SOCKET", "CONFIG_FILE")}
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_gpu_plugin", "--log-level", "error",
+         "--simulate", str(node_file), "--simulate-control", str(control),
+         "--config-file", str(node.config_file), "--kubelet-socket", str(kubelet.kubelet_socket),
+         "--health-probe-interval", str(PROBE_INTERVAL_S),
+         "--health-recovery-window", str(RECOVERY_WINDOW_S)],
+        cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
+    node.pid = process.pid
+    await kubelet.wait_registered(RESOURCE, timeout=30)
+    answer = await send_control(control, {"op": "list"})
+    node.uuids = [g["uuid"] for g in answer["gpus"]]
+    await kubelet.wait_until(lambda: table_ids(node) == node.expected())
+    return node, process
 
 
 def accepted(kubelet: FakeKubelet) -> int:
@@ -291,8 +373,35 @@ def stale_state(n: Node) -> list[str]:
 
 # --- the scenario ---------------------------------------------------------------------
 
-async def soak(seconds: float, seed: int = 1) -> Report:
-    """Run the soak for ``seconds`` of churn in a temporary directory; return the report."""
+def owner(filename: str) -> str:
+    """Whose code allocated a traced block, by the allocating frame's file."""
+    if "/trio_gpu_plugin/testing/" in filename:
+        return "test kit"
+    if "/trio_gpu_plugin/" in filename or filename.startswith("<trio_gpu_plugin"):
+        return "plugin"
+    if "/bench/" in filename:
+        return "bench"
+    if "site-packages" in filename:
+        return "libraries"
+    return "python"
+
+
+def heap_growth(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot,
+                report: Report) -> None:
+    stats = after.compare_to(before, "filename")
+    growth: dict[str, float] = {}
+    for stat in stats:
+        name = stat.traceback[0].filename
+        growth[owner(name)] = growth.get(owner(name), 0.0) + stat.size_diff / 1024
+    report.heap_growth_kib = {k: round(v, 1) for k, v in sorted(growth.items())}
+    report.heap_top = [f"{s.traceback[0].filename}: {s.size_diff / 1024:+.1f} KiB "
+                       f"({s.count_diff:+d} blocks)" for s in stats[:8]]
+
+
+async def soak(seconds: float, seed: int = 1, trace_memory: bool = False,
+               process: bool = False) -> Report:
+    """Run the soak for ``seconds`` of churn in a temporary directory; return the report.
+    ``process``: the plugin runs as a process of its own (see the module docstring)."""
     quiet = logging.getLogger("trio_gpu_plugin")
     level = quiet.level
     # Thousands of expected warnings (rejected pods, kubelet gone): keep them out of any
@@ -301,17 +410,33 @@ async def soak(seconds: float, seed: int = 1) -> Report:
     directory = pathlib.Path(tempfile.mkdtemp(prefix="tgp-soak-", dir="/tmp"))
     try:
         async with trio.open_nursery() as nursery:
-            n = await serve(nursery, directory)
-            report = await _soak(n, seconds, random.Random(seed), Report(seconds, seed))
+            if trace_memory:
+                tracemalloc.start(1)
+            plugin: trio.Process | None = None
+            if process:
+                n, plugin = await serve_process(nursery, directory)
+            else:
+                n = await serve(nursery, directory)
+            report = await _soak(n, seconds, random.Random(seed), Report(seconds, seed),
+                                 trace_memory)
+            if plugin is not None:
+                plugin.send_signal(signal.SIGTERM)
+                with trio.fail_after(10):
+                    code = await plugin.wait()
+                if code != 0:
+                    report.stale.append(f"the plugin exited {code} on SIGTERM, not 0")
             nursery.cancel_scope.cancel()
         return report
     finally:
+        tracemalloc.stop()
         quiet.setLevel(level)
         shutil.rmtree(directory, ignore_errors=True)
 
 
-async def _soak(n: Node, seconds: float, rng: random.Random, report: Report) -> Report:
+async def _soak(n: Node, seconds: float, rng: random.Random, report: Report,
+                trace_memory: bool = False) -> Report:
     kubelet = n.kubelet
+    warmed: list[tracemalloc.Snapshot] = []
     reregister = trio.Lock()  # one kubelet restart or reload at a time
     held: set[Admission] = set()
     start = trio.current_time()
@@ -341,7 +466,7 @@ async def _soak(n: Node, seconds: float, rng: random.Random, report: Report) -> 
         async def reload() -> None:
             n.write_config(REPLICA_COUNTS[1] if n.replicas == REPLICA_COUNTS[0]
                            else REPLICA_COUNTS[0])
-            os.kill(os.getpid(), signal.SIGHUP)
+            os.kill(n.pid, signal.SIGHUP)
 
         while True:
             await trio.sleep(RELOAD_INTERVAL_S * rng.uniform(0.8, 1.2))
@@ -354,14 +479,14 @@ async def _soak(n: Node, seconds: float, rng: random.Random, report: Report) -> 
 
     async def reset_later(index: int, delay: float) -> None:
         await trio.sleep(delay)
-        n.nvml.recover(index)
+        await n.inject({"op": "recover", "gpu": index})
         report.resets += 1
 
     async def xids(nursery: trio.Nursery) -> None:
         while True:
             await trio.sleep(XID_INTERVAL_S * rng.uniform(0.5, 1.5))
             index = rng.randrange(len(n.uuids))
-            n.nvml.xid(index, 79)
+            await n.inject({"op": "xid", "gpu": index, "xid": 79})
             report.xids += 1
             nursery.start_soon(reset_later, index, rng.uniform(*RESET_DELAY_S))
 
@@ -391,9 +516,12 @@ async def _soak(n: Node, seconds: float, rng: random.Random, report: Report) -> 
 
     async def sampler() -> None:
         while True:
-            s = sample()
+            s = sample(n.pid if n.separate else None)
             s["t"] = trio.current_time() - start
             report.samples.append(s)
+            if trace_memory and not warmed and s["t"] >= seconds * WARMUP_FRACTION:
+                gc.collect()
+                warmed.append(tracemalloc.take_snapshot())
             await trio.sleep(SAMPLE_INTERVAL_S)
 
     async with trio.open_nursery() as churn:
@@ -408,7 +536,7 @@ async def _soak(n: Node, seconds: float, rng: random.Random, report: Report) -> 
             churn.cancel_scope.cancel()
     # Cancelling ran each holder's finally: every admission is released.
     for index in range(len(n.uuids)):
-        n.nvml.recover(index)
+        await n.inject({"op": "recover", "gpu": index})
     at = trio.current_time()
     try:
         await kubelet.wait_until(lambda: not stale_state(n), timeout=SETTLE_BOUND_S)
@@ -419,7 +547,10 @@ async def _soak(n: Node, seconds: float, rng: random.Random, report: Report) -> 
     await trio.sleep(2.0)
     if not report.stale:
         report.stale = stale_state(n)  # still right after the quiet spell
-    report.settled = sample()
+    report.settled = sample(n.pid if n.separate else None)
+    if warmed:
+        gc.collect()
+        heap_growth(warmed[0], tracemalloc.take_snapshot(), report)
     return report
 
 
@@ -442,6 +573,10 @@ def render(report: Report) -> str:
                      f"last {t['last']:g}  settled {t['settled']:g}")
     lines.append(f"settled in {report.settle_s:.3f} s" if report.settle_s is not None
                  else "did NOT settle")
+    if report.heap_growth_kib:
+        lines.append("traced heap growth after the warm-up, KiB by owner: "
+                     + ", ".join(f"{k} {v:+.1f}" for k, v in report.heap_growth_kib.items()))
+        lines.extend(f"  {top}" for top in report.heap_top)
     problems = report.problems()
     lines.append("PASS" if not problems else "FAIL:\n  " + "\n  ".join(problems))
     return "\n".join(lines)
@@ -451,10 +586,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=1800.0)
     parser.add_argument("--seed", type=int, default=1)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--process", action="store_true",
+                      help="run the plugin in a process of its own and sample that one")
+    mode.add_argument("--trace-memory", action="store_true",
+                      help="attribute heap growth to its owners (slows the run)")
     parser.add_argument("--json", action="store_true", help="also print the report as JSON")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    report = trio.run(soak, args.seconds, args.seed)
+    report = trio.run(soak, args.seconds, args.seed, args.trace_memory, args.process)
     print(render(report))
     print(f"# wall {time.perf_counter() - started:.1f} s")
     if args.json:
