@@ -319,12 +319,16 @@ async def test_a_hundred_kubelet_restarts_each_end_registered_and_leak_nothing(
     plugin = await start_plugin(nursery, fake_kubelet, simulated_node)
     await fake_kubelet.wait_registered(GPU)
     await trio.testing.wait_all_tasks_blocked()
-    baseline = (open_fds(), count_tasks(), threading.active_count())
+    baseline = (open_fds(), count_tasks())
+    threads = threading.active_count()
     for restart in range(100):
         await fake_kubelet.restart()
         await fake_kubelet.wait_registered(GPU, count=restart + 2)
     await trio.testing.wait_all_tasks_blocked()
-    assert (open_fds(), count_tasks(), threading.active_count()) == baseline
+    assert (open_fds(), count_tasks()) == baseline
+    # Not equal: an idle worker thread an earlier test left in trio's cache may time out
+    # and exit meanwhile; a leak would show as more.
+    assert threading.active_count() <= threads
     assert plugin.registrations[GPU] == 101
     accepted = [r for r in fake_kubelet.registrations if r.accepted]
     assert len(accepted) == 101
