@@ -222,18 +222,23 @@ async def registered_again(c: Chaos, resources: tuple[str, ...], before: dict[st
     return trio.current_time() - at
 
 
+def count_round(out: Outcome, i: int, took: float | None, missed: str) -> bool:
+    """Count round ``i``: its recovery time, or (``took`` None) the problem ``missed``."""
+    out.rounds += 1
+    if took is None:
+        out.problems.append(f"round {i}: {missed}")
+        return False
+    out.latencies_s.append(took)
+    return True
+
+
 async def new_kubelet(c: Chaos, out: Outcome, i: int) -> bool:
     """Start a new kubelet and count the round: whether both resources were registered
     with it again within the bound (the time taken is recorded)."""
     before = {r: accepted(c.kubelet, r) for r in RESOURCES}
     await c.kubelet.restart()
     took = await registered_again(c, RESOURCES, before, REREGISTER_BOUND_S)
-    out.rounds += 1
-    if took is None:
-        out.problems.append(f"round {i}: not registered again within {REREGISTER_BOUND_S:g} s")
-        return False
-    out.latencies_s.append(took)
-    return True
+    return count_round(out, i, took, f"not registered again within {REREGISTER_BOUND_S:g} s")
 
 
 def no_errors(c: Chaos, out: Outcome, i: int, mark: int) -> None:
@@ -331,12 +336,9 @@ async def socket_deleted(c: Chaos, rounds: int) -> Outcome:
         before = {GPU: accepted(kubelet, GPU)}
         os.unlink(kubelet.resources[GPU].endpoint)
         took = await registered_again(c, (GPU,), before, REREGISTER_BOUND_S)
-        out.rounds += 1
-        if took is None:
-            out.problems.append(f"round {i}: {GPU} not serving and registered again within "
-                                f"{REREGISTER_BOUND_S:g} s")
+        if not count_round(out, i, took, f"{GPU} not serving and registered again within "
+                                         f"{REREGISTER_BOUND_S:g} s"):
             continue
-        out.latencies_s.append(took)
         await admit_and_release(c, GPU, f"deleted-{i}")
         await admit_and_release(c, MIG, f"deleted-{i}")
         if (stream_ends(kubelet, MIG), accepted(kubelet, MIG)) != (mig_ends, mig_accepted):
@@ -390,12 +392,9 @@ async def dir_unwritable(c: Chaos, rounds: int) -> Outcome:
                 out.problems.append(f"round {i}: still connected while unservable: {connected}")
             failures = [m for m in c.logs.since(mark) if "cannot serve" in m]
         took = await registered_again(c, RESOURCES, before, DIR_RECOVER_BOUND_S)
-        out.rounds += 1
-        if took is None:
-            out.problems.append(f"round {i}: not serving and registered within "
-                                f"{DIR_RECOVER_BOUND_S:g} s of the directory being writable")
+        if not count_round(out, i, took, f"not serving and registered within "
+                                         f"{DIR_RECOVER_BOUND_S:g} s of the directory being writable"):
             continue
-        out.latencies_s.append(took)
         per_resource = Counter(m.split(":")[0] for m in failures)
         if sorted(per_resource.values()) != [1] * len(RESOURCES):
             out.problems.append(f"round {i}: 'cannot serve' logged {dict(per_resource)} times "
