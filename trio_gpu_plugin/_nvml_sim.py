@@ -39,6 +39,17 @@ from typing import Any, Final, NoReturn
 import pynvml
 
 from ._nvml import EVENT_DOUBLE_BIT_ECC, EVENT_XID, NO_INSTANCE, text
+from ._sim_models import (
+    CI_PROFILE_SLICES,
+    COMPUTE_SLICES,
+    KNOWN_MODELS,
+    MEMORY_SLICES,
+    MODELS,
+    GiProfile,
+    GpuModel,
+    ci_slices_in,
+    mig_profile_names,
+)
 
 __all__ = [
     "KNOWN_MODELS",
@@ -65,17 +76,10 @@ _UUID_NAMESPACE: Final = uuidlib.UUID("7f0c8a52-3f5e-4c1e-9a53-1b1f5f7e8a11")
 _DEFAULT_EVENTS: Final = 0x8 | 0x2 | 0x1 | 0x4000
 #: ``/dev/nvidia255`` is ``nvidiactl``: GPU minors are 0..254.
 _MAX_MINOR: Final = 254
-#: A100 and H100 split into 7 compute slices and 8 memory slices.
-_COMPUTE_SLICES: Final = 7
-_MEMORY_SLICES: Final = 8
 #: The kernel's ``mig-minors`` lists 15 GPU instances (swizzle IDs 0..14) per GPU, each
 #: with 8 compute instances.
 _GI_IDS: Final = 15
 _CI_IDS: Final = 8
-#: Compute instance profile index -> slice count (``NVML_COMPUTE_INSTANCE_PROFILE_*``).
-_CI_PROFILE_SLICES: Final = {0: 1, 1: 2, 2: 3, 3: 4, 4: 7, 5: 8, 6: 6}
-#: CI slice counts A100 and H100 offer; a 4-slice GI has no 3-slice CI.
-_CI_SUPPORTED_SLICES: Final = (1, 2, 3, 4, 7)
 
 
 # --------------------------------------------------------------------------------------
@@ -199,101 +203,6 @@ class SimComputeInstanceInfo:
 
 
 # --------------------------------------------------------------------------------------
-# Known GPU models and their MIG profiles
-
-
-@dataclasses.dataclass(frozen=True)
-class _GiProfile:
-    """One GPU instance profile as NVML reports it."""
-
-    index: int  # NVML_GPU_INSTANCE_PROFILE_* (what nvmlDeviceGetGpuInstanceProfileInfo takes)
-    id: int  # the profile ID (what nvmlGpuInstanceGetInfo reports)
-    name: str
-    slices: int
-    memory_slices: int
-    memory_mb: int
-    instances: int
-    sms: int
-    copy_engines: int
-    decoders: int
-    jpegs: int
-    ofas: int
-
-
-@dataclasses.dataclass(frozen=True)
-class _Model:
-    memory_mib: int
-    compute_capability: tuple[int, int]
-    pci_device_id: int
-    nvlinks: int  # NVLinks the part has (0: none)
-    nvswitches: int  # NVSwitches on its HGX baseboard, for NVSwitch link peers
-    sms: int
-    mig: tuple[_GiProfile, ...] = ()
-
-
-# Columns: profile index, profile ID, name, compute slices, memory slices, memory (MB),
-# instances, SMs, copy engines, NVDECs, NVJPGs, OFAs.  Indexes, IDs and memory sizes are
-# what NVML reports on these parts.
-_A100_40GB_MIG: Final = (
-    _GiProfile(0, 19, "1g.5gb", 1, 1, 4864, 7, 14, 1, 0, 0, 0),
-    _GiProfile(7, 20, "1g.5gb+me", 1, 1, 4864, 1, 14, 1, 1, 1, 1),
-    _GiProfile(9, 15, "1g.10gb", 1, 2, 9856, 4, 14, 1, 1, 0, 0),
-    _GiProfile(1, 14, "2g.10gb", 2, 2, 9856, 3, 28, 2, 1, 0, 0),
-    _GiProfile(2, 9, "3g.20gb", 3, 4, 19968, 2, 42, 3, 2, 0, 0),
-    _GiProfile(3, 5, "4g.20gb", 4, 4, 19968, 1, 56, 4, 2, 0, 0),
-    _GiProfile(4, 0, "7g.40gb", 7, 8, 40192, 1, 98, 7, 5, 1, 1),
-)
-_A100_80GB_MIG: Final = (
-    _GiProfile(0, 19, "1g.10gb", 1, 1, 9728, 7, 14, 1, 0, 0, 0),
-    _GiProfile(7, 20, "1g.10gb+me", 1, 1, 9728, 1, 14, 1, 1, 1, 1),
-    _GiProfile(9, 15, "1g.20gb", 1, 2, 19968, 4, 14, 1, 1, 0, 0),
-    _GiProfile(1, 14, "2g.20gb", 2, 2, 19968, 3, 28, 2, 1, 0, 0),
-    _GiProfile(2, 9, "3g.40gb", 3, 4, 40192, 2, 42, 3, 2, 0, 0),
-    _GiProfile(3, 5, "4g.40gb", 4, 4, 40192, 1, 56, 4, 2, 0, 0),
-    _GiProfile(4, 0, "7g.80gb", 7, 8, 80896, 1, 98, 7, 5, 1, 1),
-)
-_H100_80GB_MIG: Final = (
-    _GiProfile(0, 19, "1g.10gb", 1, 1, 9728, 7, 16, 1, 1, 1, 0),
-    _GiProfile(7, 20, "1g.10gb+me", 1, 1, 9728, 1, 16, 1, 1, 1, 1),
-    _GiProfile(9, 15, "1g.20gb", 1, 2, 19968, 4, 16, 1, 1, 1, 0),
-    _GiProfile(1, 14, "2g.20gb", 2, 2, 19968, 3, 32, 2, 2, 2, 0),
-    _GiProfile(2, 9, "3g.40gb", 3, 4, 40192, 2, 60, 3, 3, 3, 0),
-    _GiProfile(3, 5, "4g.40gb", 4, 4, 40192, 1, 64, 4, 4, 4, 0),
-    _GiProfile(4, 0, "7g.80gb", 7, 8, 80896, 1, 132, 8, 7, 7, 1),
-)
-
-_MODELS: Final[dict[str, _Model]] = {
-    "NVIDIA A100-SXM4-40GB": _Model(40960, (8, 0), 0x20B010DE, 12, 6, 108, _A100_40GB_MIG),
-    "NVIDIA A100-SXM4-80GB": _Model(81920, (8, 0), 0x20B210DE, 12, 6, 108, _A100_80GB_MIG),
-    "NVIDIA H100 80GB HBM3": _Model(81559, (9, 0), 0x233010DE, 18, 4, 132, _H100_80GB_MIG),
-    "Tesla V100-SXM2-16GB": _Model(16384, (7, 0), 0x1DB110DE, 6, 6, 80),
-    "Tesla T4": _Model(15360, (7, 5), 0x1EB810DE, 0, 0, 40),
-}
-
-#: Models the simulator knows without ``memory_mib``/``compute_capability``: name ->
-#: (memory in MiB, compute capability, MIG profile names or ``()``).
-KNOWN_MODELS: Final[Mapping[str, tuple[int, tuple[int, int], tuple[str, ...]]]] = {
-    name: (m.memory_mib, m.compute_capability, tuple(p.name for p in m.mig))
-    for name, m in _MODELS.items()
-}
-
-
-def _mig_profile_names(model: _Model) -> list[str]:
-    """Every MIG device spec string ``model`` accepts: ``<G>g.<GB>gb`` names and, for
-    CIs smaller than their GI, ``<C>c.<G>g.<GB>gb``."""
-    names = []
-    for gi in sorted(model.mig, key=lambda p: (p.slices, p.memory_mb, p.index)):
-        names.append(gi.name)
-        names.extend(f"{c}c.{gi.name}" for c in _ci_slices_in(gi) if c < gi.slices)
-    return names
-
-
-def _ci_slices_in(gi: _GiProfile) -> list[int]:
-    """CI slice counts a GI of this profile supports (``+me`` profiles are 1-slice)."""
-    return [c for c in _CI_SUPPORTED_SLICES if c <= gi.slices and not (c == 3 and gi.slices == 4)]
-
-
-# --------------------------------------------------------------------------------------
 # Node description
 
 
@@ -378,7 +287,7 @@ class _Mig:
     slot: int
     uuid: str
     profile: str
-    gi: _GiProfile
+    gi: GiProfile
     ci_slices: int
     gi_id: int
     ci_id: int
@@ -386,7 +295,7 @@ class _Mig:
 
     @property
     def ci_index(self) -> int:
-        return next(i for i, s in _CI_PROFILE_SLICES.items() if s == self.ci_slices)
+        return next(i for i, s in CI_PROFILE_SLICES.items() if s == self.ci_slices)
 
     @property
     def ci_sms(self) -> int:
@@ -411,7 +320,7 @@ class _Gpu:
     nvswitches: int
     supported_events: int
     pci_device_id: int
-    mig_profiles: tuple[_GiProfile, ...]  # empty: not MIG-capable
+    mig_profiles: tuple[GiProfile, ...]  # empty: not MIG-capable
     mig_enabled: bool
     migs: tuple[_Mig, ...]
     # Mutable state, under SimulatedNVML's lock.
@@ -457,7 +366,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _parse_mig(model: _Model, spec: str) -> tuple[_GiProfile, int] | None:
+def _parse_mig(model: GpuModel, spec: str) -> tuple[GiProfile, int] | None:
     """(GI profile, CI slices) for a MIG device spec string, ``None`` if unknown."""
     match = re.fullmatch(r"(?:(\d+)c\.)?(.+)", spec)
     assert match is not None  # ".+" matches any non-empty string
@@ -466,24 +375,24 @@ def _parse_mig(model: _Model, spec: str) -> tuple[_GiProfile, int] | None:
     if gi is None:
         return None
     ci_slices = gi.slices if ci is None else int(ci)
-    if ci_slices not in _ci_slices_in(gi) or (ci is not None and ci_slices == gi.slices):
+    if ci_slices not in ci_slices_in(gi) or (ci is not None and ci_slices == gi.slices):
         return None  # "7c.7g.40gb" is spelled "7g.40gb", as NVIDIA names it
     return gi, ci_slices
 
 
-def _placements(gi: _GiProfile) -> list[int]:
+def _placements(gi: GiProfile) -> list[int]:
     """Memory-slice starts a GI of this profile may take: aligned to its memory size, with
     its compute slices inside the 7 there are (so no 2g at slice 6, no 1g at slice 7)."""
-    return [s for s in range(0, _MEMORY_SLICES, gi.memory_slices) if s + gi.slices <= _COMPUTE_SLICES]
+    return [s for s in range(0, MEMORY_SLICES, gi.memory_slices) if s + gi.slices <= COMPUTE_SLICES]
 
 
-def _gi_id(gi: _GiProfile, start: int) -> int:
+def _gi_id(gi: GiProfile, start: int) -> int:
     """The driver's GPU instance ID: the swizzle ID of the memory slices it occupies
     (0: all 8; 1-2: halves; 3-6: quarters; 7-14: eighths)."""
     return {8: 0, 4: 1 + start // 4, 2: 3 + start // 2, 1: 7 + start}[gi.memory_slices]
 
 
-def _place(profiles: list[_GiProfile]) -> list[int] | None:
+def _place(profiles: list[GiProfile]) -> list[int] | None:
     """A start for each GI with no two sharing a compute or memory slice, or ``None``.
 
     The description is the final state, not a creation order (order matters on real
@@ -508,20 +417,20 @@ def _place(profiles: list[_GiProfile]) -> list[int] | None:
     return starts if search(0, 0, 0) else None
 
 
-def _resolve_mig(node: SimNodeSpec, i: int, spec: SimGpuSpec, model: _Model | None,
+def _resolve_mig(node: SimNodeSpec, i: int, spec: SimGpuSpec, model: GpuModel | None,
                  key: str) -> tuple[_Mig, ...]:
     if spec.mig is None:
         return ()
     if model is None or not model.mig:
-        capable = ", ".join(n for n, m in _MODELS.items() if m.mig)
+        capable = ", ".join(n for n, m in MODELS.items() if m.mig)
         raise _SpecError(f"{key}.mig", f"{spec.name!r} has no MIG profile table; MIG is "
                                        f"simulated on: {capable} (use null for MIG off)")
-    parsed: list[tuple[_GiProfile, int]] = []
+    parsed: list[tuple[GiProfile, int]] = []
     for j, text_ in enumerate(spec.mig):
         found = _parse_mig(model, text_) if isinstance(text_, str) else None
         if found is None:
             raise _SpecError(f"{key}.mig[{j}]", f"unknown MIG profile {text_!r} for "
-                                                f"{spec.name}; valid: {', '.join(_mig_profile_names(model))}")
+                                                f"{spec.name}; valid: {', '.join(mig_profile_names(model))}")
         parsed.append(found)
     for gi in model.mig:
         count = sum(1 for p, _ in parsed if p is gi)
@@ -531,8 +440,8 @@ def _resolve_mig(node: SimNodeSpec, i: int, spec: SimGpuSpec, model: _Model | No
     starts = _place([gi for gi, _ in parsed])
     if starts is None:
         raise _SpecError(f"{key}.mig", f"{list(spec.mig)} do not fit on one {spec.name} "
-                                       f"({_COMPUTE_SLICES} compute slices, "
-                                       f"{_MEMORY_SLICES} memory slices)")
+                                       f"({COMPUTE_SLICES} compute slices, "
+                                       f"{MEMORY_SLICES} memory slices)")
     migs = []
     for slot, ((gi, ci_slices), start, text_) in enumerate(zip(parsed, starts, spec.mig)):
         mig_uuid = f"MIG-{uuidlib.uuid5(_UUID_NAMESPACE, f'{node.name}/{i}/mig{slot}')}"
@@ -558,8 +467,8 @@ def _resolve(node: SimNodeSpec) -> tuple[list[_Gpu], list[str]]:
             raise _SpecError(key, f"must be a SimGpuSpec, not {type(spec).__name__}")
         if not isinstance(spec.name, str) or not spec.name:
             raise _SpecError(f"{key}.model", "must be a non-empty string")
-        model = _MODELS.get(spec.name)
-        unknown = f"required for {spec.name!r}, which is not a known model ({', '.join(_MODELS)})"
+        model = MODELS.get(spec.name)
+        unknown = f"required for {spec.name!r}, which is not a known model ({', '.join(MODELS)})"
 
         memory = spec.memory_mib
         if memory is None and model is not None:
@@ -1290,7 +1199,7 @@ class SimulatedNVML:
         """7 with MIG on; 0 when MIG is off or unsupported (NVML's documented answer)."""
         with self._cond:
             self._enter("nvmlDeviceGetMaxMigDeviceCount")
-            return _COMPUTE_SLICES if self._gpu(handle).mig_enabled else 0
+            return COMPUTE_SLICES if self._gpu(handle).mig_enabled else 0
 
     def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: Any, index: int) -> Any:
         """The MIG device in a slot: ``NotFound`` for an empty slot below the maximum,
@@ -1300,7 +1209,7 @@ class SimulatedNVML:
             gpu = self._gpu(handle)
             if not gpu.mig_profiles:
                 raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
-            limit = _COMPUTE_SLICES if gpu.mig_enabled else 0
+            limit = COMPUTE_SLICES if gpu.mig_enabled else 0
             if not _is_int(index) or not 0 <= index < limit:
                 raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
             if index >= len(gpu.migs):
@@ -1413,9 +1322,9 @@ class SimulatedNVML:
             if (not _is_int(profile) or not 0 <= profile < pynvml.NVML_COMPUTE_INSTANCE_PROFILE_COUNT
                     or eng_profile != pynvml.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED):
                 raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-            slices = _CI_PROFILE_SLICES.get(profile)
+            slices = CI_PROFILE_SLICES.get(profile)
             gi = mig.gi
-            if slices is None or slices not in _ci_slices_in(gi):
+            if slices is None or slices not in ci_slices_in(gi):
                 raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
             sms = gi.sms if slices == gi.slices else slices * (gi.sms // gi.slices)
             name = gi.name if slices == gi.slices else f"{slices}c.{gi.name}"
