@@ -69,6 +69,8 @@ CONTENT_TYPE_SUFFIX: Final = "+proto"
 GRPC_CONTENT_TYPE: Final = "application/grpc"
 
 _FRAME_HEADER = struct.Struct(">BI")
+# RFC 9113 §6.9.2: every flow-control window starts at 65,535 bytes.
+_HTTP2_INITIAL_WINDOW: Final = 65_535
 # gRPC over HTTP/2: TimeoutValue is at most 8 ASCII digits, TimeoutUnit one of H M S m u n.
 _GRPC_TIMEOUT = re.compile(r"[0-9]{1,8}[HMSmun]")
 # RFC 9113 §8.2.1: a field name is lowercase visible ASCII without ":" (a pseudo-header's
@@ -318,6 +320,13 @@ def _unfinished_message(buffer: MessageReadBuffer) -> tuple[int | None, int, int
 class GrpcConnection(GRPCConnection):  # type: ignore[misc]  # purerpc has no type hints
     """purerpc's ``GRPCConnection`` with per-call failure instead of per-connection."""
 
+    #: The connection-level receive window we advertise, in bytes: HTTP/2's initial
+    #: 65,535 plus the 2**30 that purerpc's ``initiate_connection`` adds.  Received data
+    #: must be acknowledged (``acknowledge_received_data``) to hand it back, or the peer
+    #: stalls once this much has arrived.  A class attribute so that tests can shrink it
+    #: and cross it in a few calls rather than a gigabyte.
+    CONNECTION_WINDOW: int = _HTTP2_INITIAL_WINDOW + 2**30
+
     def __init__(self, *, client_side: bool, max_message_length: int) -> None:
         from purerpc.grpclib.config import GRPCConfiguration
 
@@ -330,6 +339,14 @@ class GrpcConnection(GRPCConnection):  # type: ignore[misc]  # purerpc has no ty
                 client_side=False, header_encoding="utf-8", validate_inbound_headers=False))
             self.h2_connection.clear_outbound_data_buffer()
             self._set_h2_connection_local_settings()
+
+    def initiate_connection(self) -> None:
+        """Send the connection preface and settings, and open the connection's receive
+        window to :attr:`CONNECTION_WINDOW` (purerpc's own opens it by a fixed 2**30)."""
+        self.h2_connection.initiate_connection()
+        increment = self.CONNECTION_WINDOW - _HTTP2_INITIAL_WINDOW
+        if increment > 0:  # a WINDOW_UPDATE of 0 is a protocol error
+            self.h2_connection.increment_flow_control_window(increment)
 
     def respond_status(
         self, stream_id: int, status: Status, content_type_suffix: str = "", *,
@@ -346,8 +363,9 @@ class GrpcConnection(GRPCConnection):  # type: ignore[misc]  # purerpc has no ty
             headers.append(("grpc-message", urllib.parse.quote(status.status_message, safe="")))
         self.h2_connection.send_headers(stream_id, headers, end_stream=True)
 
-    def _drop_buffer(self, stream_id: int) -> None:
-        """Forget a stream's partial message, handing its flow-control credit back."""
+    def drop_buffer(self, stream_id: int) -> None:
+        """Forget a stream's partial message, handing its flow-control credit back (for a
+        stream nobody will read any more: reset, answered early, or ended mid-message)."""
         buffer = self.message_read_buffers.pop(stream_id, None)
         unfinished = None if buffer is None else _unfinished_message(buffer)
         if unfinished is not None and unfinished[2]:
@@ -413,7 +431,7 @@ class GrpcConnection(GRPCConnection):  # type: ignore[misc]  # purerpc has no ty
             return super()._stream_ended(event)  # type: ignore[no-any-return]
         # The request ended inside a message: grpc-go fails the call ("failed to receive
         # the whole message") rather than run it without the message.
-        self._drop_buffer(event.stream_id)
+        self.drop_buffer(event.stream_id)
         announced, received, _ = unfinished
         where = (f"its length prefix announced {announced} bytes, the stream ended after {received}"
                  if announced is not None
@@ -422,7 +440,7 @@ class GrpcConnection(GRPCConnection):  # type: ignore[misc]  # purerpc has no ty
             StatusCode.INTERNAL, f"request message truncated: {where}"))]
 
     def _stream_reset(self, event: h2.events.StreamReset) -> list[Any]:
-        self._drop_buffer(event.stream_id)
+        self.drop_buffer(event.stream_id)
         if isinstance(event, _MalformedStreamReset):
             return [MalformedRequest(event.stream_id, event.reason)]
         return [CallReset(event.stream_id, event.error_code)]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import errno
 import itertools
 import logging
 import os
@@ -63,6 +64,7 @@ from ._grpc import (
     StatusCode,
     frame_message,
 )
+from ._watch import Identity, identity
 from .proto import DecodeError, EncodeError, Message, MethodDescriptor, ServiceDescriptor
 
 __all__ = [
@@ -70,6 +72,7 @@ __all__ = [
     "DEFAULT_CALL_TIMEOUT",
     "ResponseStream",
     "Service",
+    "SocketInUseError",
     "open_unix_channel",
     "serve_unix",
 ]
@@ -461,7 +464,49 @@ def _check_unix_path(path: str) -> None:
         raise ValueError(f"Unix socket path is longer than {MAX_UNIX_PATH} bytes: {path!r}")
 
 
-async def _bind_unix(path: str) -> trio.socket.SocketType:
+class SocketInUseError(OSError):
+    """A socket file we were to serve on is being served by another process (a second
+    plugin instance given the same socket, say): it is left alone.
+
+    An :class:`OSError` with errno ``EADDRINUSE``, as ``bind`` gives for a socket that is
+    in use, so that callers retrying failed binds (the runtime) retry this too, and
+    serve once the other process has gone.  Its message names the path; so does
+    :attr:`path`.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            errno.EADDRINUSE,
+            f"{path}: another process serves this socket (a second instance given the "
+            "same socket?); refusing to replace it",
+        )
+        #: The socket file another process serves.
+        self.path = path
+
+
+def _served_by_another(path: str) -> bool:
+    """Whether a process accepts connections on the socket file at ``path``; ``False``
+    for a stale file (left by a process that was killed) or one gone meanwhile.
+
+    Raises :class:`OSError` when it cannot tell (no permission to connect, say): a
+    socket we cannot probe is not ours to delete.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        # Non-blocking: a Unix connect completes or fails at once, except when the
+        # listener's backlog is full (EAGAIN), which also means somebody listens.
+        probe.setblocking(False)
+        error = probe.connect_ex(path)
+    if error in (0, errno.EAGAIN, errno.EINPROGRESS):
+        return True
+    if error in (errno.ECONNREFUSED, errno.ENOENT):
+        return False
+    raise OSError(error, f"{path}: cannot tell whether another process serves this socket "
+                         f"({os.strerror(error)}); refusing to replace it")
+
+
+async def _bind_unix(path: str) -> tuple[trio.socket.SocketType, Identity]:
+    """A socket listening at ``path``, replacing a stale socket file there; and the
+    identity of its file, to remove it on exit only if it is still ours."""
     _check_unix_path(path)
     try:
         mode = os.lstat(path).st_mode
@@ -470,28 +515,41 @@ async def _bind_unix(path: str) -> trio.socket.SocketType:
     else:
         if not stat.S_ISSOCK(mode):
             raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+        if _served_by_another(path):
+            raise SocketInUseError(path)
         # A socket file left by an earlier instance: nobody can be served through it.
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass  # removed meanwhile, which is all we wanted
     # Bound with the stdlib socket: trio's bind() of a Unix path hops to a worker thread
     # for the filesystem lookup, which costs a thread and a scheduler round trip on every
     # (re)registration for what is a quick local operation, like the unlink above.
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         raw.bind(path)
+        # Straight after bind, so that the file is the one we bound all but certainly.
+        bound = identity(path)
         raw.listen(LISTEN_BACKLOG)
     except BaseException:
         raw.close()
         raise
     await trio.lowlevel.checkpoint()
-    return trio.socket.from_stdlib_socket(raw)
+    return trio.socket.from_stdlib_socket(raw), bound
 
 
-def _unlink_if_ours(path: str, inode: int) -> None:
-    try:
-        if os.lstat(path).st_ino == inode:
+def _unlink_if_ours(path: str, ours: Identity) -> None:
+    """Remove the socket file at ``path`` if it is still the one we bound.
+
+    Compared by the full identity, not the inode number: ext4 gives a socket bound at
+    the path after ours was removed (a successor's) our freed inode number at once;
+    only the change time tells it apart (see :mod:`._watch`).
+    """
+    if ours is not None and identity(path) == ours:
+        try:
             os.unlink(path)
-    except FileNotFoundError:
-        pass
+        except FileNotFoundError:
+            pass
 
 
 async def serve_unix(
@@ -505,10 +563,13 @@ async def serve_unix(
     """Serve gRPC ``services`` on a Unix socket at ``path`` until cancelled.
 
     Use it with ``await nursery.start(serve_unix, path, services)``, which returns the
-    path once the socket accepts connections.  A stale socket file at ``path`` is
-    replaced; any other file there is an error.  The socket file is removed on exit
-    unless something else has been bound there since, or ``remove_on_exit()`` (asked
-    then) says no: the test kit's killed kubelet leaves its file, as a killed process does.
+    path once the socket accepts connections.  A stale socket file at ``path`` (nobody
+    accepting connections on it) is replaced; a socket another process serves raises
+    :class:`SocketInUseError` and any other file :class:`FileExistsError`, leaving them
+    alone.  The socket file is removed on exit unless something else has been bound there
+    since (told apart by device, inode number and change time, as the watch does), or
+    ``remove_on_exit()`` (asked then) says no: the test kit's killed kubelet leaves its
+    file, as a killed process does.
 
     Resource handling: each connection runs in a task of this server; cancelling the
     server cancels every call and closes every connection.  Error handling: failures of
@@ -517,8 +578,7 @@ async def serve_unix(
     """
     path = os.fspath(path)
     routes = _build_routes(services)
-    sock = await _bind_unix(path)
-    inode = os.lstat(path).st_ino
+    sock, bound = await _bind_unix(path)
     listener = trio.SocketListener(sock)
 
     connection_numbers = itertools.count(1)
@@ -538,7 +598,7 @@ async def serve_unix(
             task_status.started(path)
     finally:
         if remove_on_exit():
-            _unlink_if_ours(path, inode)
+            _unlink_if_ours(path, bound)
     raise AssertionError("trio.serve_listeners returned")  # pragma: no cover
 
 
@@ -680,14 +740,28 @@ class Channel:
 
     def _end(self, call: _ClientCall) -> None:
         self._calls.pop(call.stream_id, None)
-        if call.status is None and self._lost is None:
+        if self._lost is not None:
+            call.messages.clear()
+            return
+        conn = self._link.conn
+        if call.status is None:
             # Leaving before the server finished: reset the stream so the server
             # cancels its handler.
             try:
-                self._link.conn.reset_stream(call.stream_id, h2.errors.ErrorCodes.CANCEL)
+                conn.reset_stream(call.stream_id, h2.errors.ErrorCodes.CANCEL)
             except h2.exceptions.StreamClosedError:
                 pass
-            self._link.kick()
+        # What arrived for this call and will never be read (a stream left early, a call
+        # cancelled or failed with messages queued, part of a message still coming) holds
+        # connection-level credit: hand it back, or every abandoned call shrinks the
+        # window all later calls share.  DATA arriving after the reset is h2's to
+        # acknowledge (or _dispatch's, for a call no longer known).
+        unread = sum(length for _, length in call.messages)
+        call.messages.clear()
+        if unread:
+            conn.acknowledge_received_data(call.stream_id, unread)
+        conn.drop_buffer(call.stream_id)
+        self._link.kick()
 
     async def _receive(self, call: _ClientCall) -> Message | None:
         while True:
@@ -695,9 +769,12 @@ class Channel:
                 data, length = call.messages.popleft()
                 # Hand the flow-control credit back only as messages are consumed, so a
                 # slow reader holds back a fast server instead of buffering without end.
-                if call.status is None:
-                    self._link.conn.acknowledge_received_data(call.stream_id, length)
-                    self._link.kick()
+                # Even when the call has ended (its trailers usually come in the same
+                # read as its message): the stream's window is gone then, but h2 still
+                # returns the credit to the connection's window, which every later call
+                # on this channel shares.
+                self._link.conn.acknowledge_received_data(call.stream_id, length)
+                self._link.kick()
                 try:
                     return call.response_type.FromString(data)
                 except DecodeError as exc:
