@@ -4,14 +4,19 @@ over loopback with a small h11 client."""
 from __future__ import annotations
 
 import functools
+import logging
 import re
+from collections.abc import Mapping
 
 import h11
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from trio_gpu_plugin import DevicePlugin, Resource, _runtime
 from trio_gpu_plugin._metrics import (
+    LIVE_CHECK_TIMEOUT,
+    LIVENESS_GRACE,
     MAX_BODY_BYTES,
     MAX_HEADER_BYTES,
     HealthStatus,
@@ -19,10 +24,14 @@ from trio_gpu_plugin._metrics import (
     parse_address,
     serve_metrics,
 )
-from trio_gpu_plugin._observe import Observer
+from trio_gpu_plugin._observe import Observer, Problem
+from trio_gpu_plugin._watch import Identity, PathWatcher
+from trio_gpu_plugin.proto import v1beta1
+from trio_gpu_plugin.testing import FakeKubelet, SimulatedDeviceSource
 
 GPU = "nvidia.com/gpu"
 MIG = "nvidia.com/mig-1g.10gb"
+HANG_GUARD = 10.0
 
 
 # --- a small client ----------------------------------------------------------------------
@@ -159,14 +168,241 @@ async def test_readyz_also_needs_nvml(served: tuple[Metrics, int]) -> None:
     assert (status, body) == (503, b"nvidia.com/gpu: not registered, not serving\n")
 
 
-def test_health_status_forgetting_every_resource_is_starting_again() -> None:
+async def test_health_status_forgetting_every_resource_is_starting_again() -> None:
     health = HealthStatus()
     health.set_resource(GPU, True, True, "")
-    assert health.healthz() == (True, "ok\n")
+    assert await health.healthz() == (True, "ok\n")
     health.forget_resource(GPU)
     health.forget_resource(GPU)  # idempotent
-    ok, text = health.healthz()
+    ok, text = await health.healthz()
     assert not ok and "starting" in text
+
+
+async def test_liveness_forgives_a_state_the_plugin_repairs_for_the_grace_readiness_not(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    health = HealthStatus()
+    found: list[Problem] = []
+
+    async def check(timeout: float) -> list[Problem]:
+        assert timeout == LIVE_CHECK_TIMEOUT
+        return found
+
+    health.set_live_check(GPU, check)
+    health.set_resource(GPU, False, False, "")  # a live check outranks reported flags
+    starting = Problem("not registered with the kubelet for 0 s: registering",
+                       since=trio.current_time())
+    found[:] = [starting]
+    # Until the first ok the grace does not apply: the startupProbe waits for that.
+    assert await health.healthz() == (False, f"{GPU}: {starting.text}\n")
+    found.clear()
+    assert await health.healthz() == (True, "ok\n")
+
+    found[:] = [Problem("no ListAndWatch stream from the kubelet", since=trio.current_time())]
+    assert await health.healthz() == (True, "ok\n")
+    assert await health.readyz() == (False, f"{GPU}: no ListAndWatch stream from the kubelet\n")
+    await trio.sleep(LIVENESS_GRACE)
+    assert await health.healthz() == (False, f"{GPU}: no ListAndWatch stream from the kubelet\n")
+
+    found[:] = [Problem("socket x does not answer: refused")]  # nothing repairs that
+    assert await health.healthz() == (False, f"{GPU}: socket x does not answer: refused\n")
+    found.clear()
+    assert await health.healthz() == (True, "ok\n")
+    health.forget_resource(GPU)
+    assert (await health.healthz())[0] is False  # starting: nothing known
+
+
+async def test_a_check_that_hangs_or_breaks_fails_the_probe_not_the_server(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture,
+) -> None:
+    health = HealthStatus()
+
+    async def hangs(timeout: float) -> list[Problem]:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def breaks(timeout: float) -> list[Problem]:
+        raise RuntimeError("a bug")
+
+    health.set_live_check(GPU, hangs)
+    health.set_live_check(MIG, breaks)
+    ok, text = await health.healthz()
+    assert not ok
+    assert text.splitlines() == [
+        f"{GPU}: the health check did not finish within {LIVE_CHECK_TIMEOUT + 0.5:g} s",
+        f"{MIG}: the health check failed: RuntimeError: a bug",
+    ]
+    assert any("the live health check failed" in r.getMessage() for r in caplog.records)
+
+
+# --- live probes: the plugin's own socket and the kubelet's stream ------------------------
+#
+# /healthz and /readyz against a running DevicePlugin and a fake kubelet: the answer must
+# come from checking now (dialling the plugin's socket, looking at the kubelet's stream),
+# not from a flag set when the plugin registered.
+
+PLUGIN_SOCKET = "nvidia-gpu.sock"
+
+
+async def serve_plugin(
+    nursery: trio.Nursery, kubelet: FakeKubelet, plugin: DevicePlugin, metrics: Metrics
+) -> int:
+    port: int = await nursery.start(serve_metrics, metrics, "127.0.0.1", 0)
+    with trio.fail_after(HANG_GUARD):
+        await nursery.start(plugin.run)
+        await kubelet.wait_registered(GPU)
+    return port
+
+
+def new_plugin(kubelet: FakeKubelet, source: SimulatedDeviceSource) -> tuple[DevicePlugin, Metrics]:
+    metrics = Metrics()
+    plugin = DevicePlugin([Resource(GPU, source, PLUGIN_SOCKET)],
+                          kubelet_socket=kubelet.kubelet_socket, observer=metrics)
+    return plugin, metrics
+
+
+async def until_ok(port: int, target: str = "/healthz") -> None:
+    with trio.fail_after(HANG_GUARD):
+        while (await get(port, target))[0] != 200:
+            await trio.sleep(0.01)
+
+
+async def test_healthz_fails_on_the_next_request_when_the_plugins_server_stops_answering(
+    nursery: trio.Nursery, fake_kubelet: FakeKubelet, simulated_node: SimulatedDeviceSource,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    plugin, metrics = new_plugin(fake_kubelet, simulated_node)
+    service = plugin.services[GPU]
+    answer = service.get_device_plugin_options
+    wedged = False
+
+    async def maybe_wedged(request: v1beta1.Empty) -> v1beta1.DevicePluginOptions:
+        if wedged:
+            await trio.sleep_forever()
+        return await answer(request)
+
+    service.get_device_plugin_options = maybe_wedged  # type: ignore[method-assign]
+    port = await serve_plugin(nursery, fake_kubelet, plugin, metrics)
+    assert (await get(port, "/healthz"))[::2] == (200, b"ok\n")
+
+    wedged = True  # the server accepts connections but answers nothing
+    status, _, body = await get(port, "/healthz")
+    path = fake_kubelet.socket_dir / PLUGIN_SOCKET
+    assert status == 503
+    assert body.decode() == (f"{GPU}: socket {path} does not answer: no reply to "
+                             f"GetDevicePluginOptions within {LIVE_CHECK_TIMEOUT:g} s\n")
+    assert (await get(port, "/readyz"))[0] == 503
+
+    wedged = False
+    assert (await get(port, "/healthz"))[::2] == (200, b"ok\n")
+
+
+class MissesOwnSocket(PathWatcher):
+    """Sees kubelet.sock come and go, never the plugin's own socket: as if inotify missed
+    its removal and the safety-net poll had not come round yet."""
+
+    async def wait_for_change(self, baseline: Mapping[str, Identity]) -> dict[str, Identity]:
+        kubelet = {k: v for k, v in baseline.items() if k.endswith("/kubelet.sock")}
+        return {**baseline, **await super().wait_for_change(kubelet)}
+
+
+async def test_healthz_fails_when_the_plugins_socket_is_gone_and_recovers_when_served_again(
+    nursery: trio.Nursery, fake_kubelet: FakeKubelet, simulated_node: SimulatedDeviceSource,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_runtime, "PathWatcher", MissesOwnSocket)
+    plugin, metrics = new_plugin(fake_kubelet, simulated_node)
+    port = await serve_plugin(nursery, fake_kubelet, plugin, metrics)
+    assert (await get(port, "/healthz"))[::2] == (200, b"ok\n")
+
+    path = fake_kubelet.socket_dir / PLUGIN_SOCKET
+    path.unlink()
+    status, _, body = await get(port, "/healthz")
+    assert status == 503
+    assert body.decode() == (f"{GPU}: socket {path} does not answer: UNAVAILABLE: cannot "
+                             f"connect to {path}: [Errno 2] No such file or directory\n")
+
+    plugin.restart("test: serve the socket again")
+    await fake_kubelet.wait_registered(GPU, count=2)
+    await until_ok(port)
+
+
+async def test_healthz_fails_after_the_grace_without_a_kubelet_stream_and_recovers(
+    nursery: trio.Nursery, fake_kubelet: FakeKubelet, simulated_node: SimulatedDeviceSource,
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "trio_gpu_plugin.metrics")
+    plugin, metrics = new_plugin(fake_kubelet, simulated_node)
+    port = await serve_plugin(nursery, fake_kubelet, plugin, metrics)
+    await until_ok(port, "/readyz")
+    assert (await get(port, "/healthz"))[::2] == (200, b"ok\n")
+
+    # Killed, the kubelet leaves kubelet.sock behind: nothing tells the plugin to
+    # register again, and nobody watches its devices any more.
+    await fake_kubelet.kill()
+    service = plugin.services[GPU]
+    with trio.fail_after(HANG_GUARD):
+        while service.watchers:
+            await trio.sleep(0.01)
+    status, _, body = await get(port, "/readyz")
+    assert status == 503  # readiness: at once
+    assert re.fullmatch(rf"{re.escape(GPU)}: no ListAndWatch stream from the kubelet for 0 s: "
+                        r".*\n", body.decode()), body
+    assert (await get(port, "/healthz"))[::2] == (200, b"ok\n")  # liveness: a grace
+
+    await trio.sleep(LIVENESS_GRACE)
+    status, _, body = await get(port, "/healthz")
+    assert status == 503
+    path = fake_kubelet.socket_dir / PLUGIN_SOCKET
+    assert body.decode() == (f"{GPU}: no ListAndWatch stream from the kubelet for "
+                             f"{LIVENESS_GRACE:.0f} s: the kubelet is not watching {path}, "
+                             f"so it has no devices of {GPU} to allocate\n")
+    # The kubelet's probe events show only "statuscode: 503": the log says why.
+    failing = [r.getMessage() for r in caplog.records if "/healthz now fails" in r.getMessage()]
+    assert len(failing) == 1 and "no ListAndWatch stream from the kubelet" in failing[0]
+
+    await fake_kubelet.restart()
+    await fake_kubelet.wait_registered(GPU, count=2)
+    await until_ok(port)
+    await until_ok(port, "/readyz")
+    assert any(r.getMessage() == "/healthz is ok again" for r in caplog.records)
+
+
+async def test_concurrent_probes_share_one_dial_and_a_slow_one_blocks_nothing_else(
+    nursery: trio.Nursery, fake_kubelet: FakeKubelet, simulated_node: SimulatedDeviceSource,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    # A frozen clock: the check's timeout cannot strike while the test holds it up.
+    plugin, metrics = new_plugin(fake_kubelet, simulated_node)
+    service = plugin.services[GPU]
+    answer = service.get_device_plugin_options
+    calls = 0
+    release = trio.Event()
+
+    async def counted(request: v1beta1.Empty) -> v1beta1.DevicePluginOptions:
+        nonlocal calls
+        calls += 1
+        if calls > 1:  # the first is the kubelet's, inside Register
+            await release.wait()
+        return await answer(request)
+
+    service.get_device_plugin_options = counted  # type: ignore[method-assign]
+    port = await serve_plugin(nursery, fake_kubelet, plugin, metrics)
+    answers: list[tuple[int, bytes]] = []
+
+    async def probe(target: str) -> None:
+        status, _, body = await get(port, target)
+        answers.append((status, body))
+
+    async with trio.open_nursery() as probes:
+        for target in ("/healthz", "/readyz") * 3:
+            probes.start_soon(probe, target)
+        await trio.testing.wait_all_tasks_blocked()
+        assert calls == 2  # six probes, one dial
+        assert (await get(port, "/metrics"))[0] == 200  # not held up by the check
+        assert answers == []
+        release.set()
+    assert answers == [(200, b"ok\n")] * 6
 
 
 # --- /metrics ----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import os
 import pathlib
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -27,6 +27,8 @@ from trio_gpu_plugin import (
     first_fit,
     open_unix_channel,
 )
+from trio_gpu_plugin import _runtime
+from trio_gpu_plugin._watch import Identity, PathWatcher
 from trio_gpu_plugin.proto import v1beta1
 from trio_gpu_plugin.testing import FakeKubelet, SimulatedDeviceSource
 
@@ -254,6 +256,75 @@ async def test_directory_deleted_and_recreated_brings_a_fresh_registration(
     await fake_kubelet.restart()  # recreates the directory and kubelet.sock
     await fake_kubelet.wait_registered(GPU, count=2)
     assert fake_kubelet.resources[GPU].connected
+
+
+class SeesNothing(PathWatcher):
+    """A watcher that misses every change (as if inotify sent nothing and the safety-net
+    poll had not come round): the plugin believes it is still registered."""
+
+    async def wait_for_change(self, baseline: Mapping[str, Identity]) -> dict[str, Identity]:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_check_looks_now_and_names_all_a_plugin_that_missed_a_kubelet_restart_lacks(
+    nursery: trio.Nursery, fake_kubelet: FakeKubelet, simulated_node: SimulatedDeviceSource,
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock,
+) -> None:
+    monkeypatch.setattr(_runtime, "PathWatcher", SeesNothing)
+    plugin = await start_plugin(nursery, fake_kubelet, simulated_node)
+    await fake_kubelet.wait_registered(GPU)
+    assert await plugin.check(GPU) == []
+
+    # The restarted kubelet deleted our socket and serves a new kubelet.sock.
+    await fake_kubelet.restart()
+    with trio.fail_after(HANG_GUARD):
+        while plugin.services[GPU].watchers:
+            await trio.sleep(0.001)
+    path = plugin_socket(fake_kubelet)
+    problems = await plugin.check(GPU)
+    assert [p.text for p in problems] == [
+        f"socket {path} does not answer: UNAVAILABLE: cannot connect to {path}: "
+        "[Errno 2] No such file or directory",
+        f"no ListAndWatch stream from the kubelet for 0 s: the kubelet is not watching {path}, "
+        f"so it has no devices of {GPU} to allocate",
+        f"registered with a kubelet that is gone: {fake_kubelet.kubelet_socket} was replaced "
+        "(the kubelet restarted) and the plugin has not registered again yet",
+    ]
+    # The socket is for liveness to fail at once; the rest the runtime repairs itself.
+    assert [p.since is None for p in problems] == [True, False, False]
+
+    plugin.restart("test")
+    await fake_kubelet.wait_registered(GPU, count=2)
+    with trio.fail_after(HANG_GUARD):
+        while await plugin.check(GPU):
+            await trio.sleep(0.001)
+
+
+async def test_check_says_why_a_resource_is_not_registered_and_for_how_long(
+    nursery: trio.Nursery, fake_kubelet: FakeKubelet, simulated_node: SimulatedDeviceSource,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    plugin = await start_plugin(nursery, fake_kubelet, simulated_node)
+    await fake_kubelet.wait_registered(GPU)
+    await fake_kubelet.stop()  # kubelet.sock removed
+    waiting = (f"waiting for the kubelet: {fake_kubelet.kubelet_socket} does not exist")
+    with trio.fail_after(HANG_GUARD):
+        while [p.text for p in await plugin.check(GPU)] != [
+                f"not registered with the kubelet for 0 s: {waiting}"]:
+            await trio.sleep(0.001)
+    await trio.sleep(42)
+    [problem] = await plugin.check(GPU)
+    assert problem.text == f"not registered with the kubelet for 42 s: {waiting}"
+    assert problem.since is not None and trio.current_time() - problem.since >= 42
+
+    await fake_kubelet.restart()
+    await fake_kubelet.wait_registered(GPU, count=2)
+    with trio.fail_after(HANG_GUARD):
+        while await plugin.check(GPU):
+            await trio.sleep(0.001)
+    with pytest.raises(KeyError):
+        await plugin.check("example.com/other")
 
 
 class RefusingKubelet(FakeKubelet):

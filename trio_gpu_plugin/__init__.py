@@ -52,6 +52,7 @@ from ._nvml_source import (
     whole_gpus as whole_gpus,
     with_replicas as with_replicas,
 )
+from ._observe import Observer as Observer, Problem as Problem
 from ._runtime import DevicePlugin as DevicePlugin
 from ._simulated import SimulatedDeviceSource as SimulatedDeviceSource
 from ._transport import (
@@ -59,6 +60,7 @@ from ._transport import (
     Channel as Channel,
     ResponseStream as ResponseStream,
     Service as Service,
+    SocketInUseError as SocketInUseError,
     open_unix_channel as open_unix_channel,
     serve_unix as serve_unix,
 )
@@ -102,7 +104,9 @@ __all__ = [
     "NvmlDeviceSource",
     "NvmlInitError",
     "NvmlNode",
+    "Observer",
     "PreferredAllocationPolicy",
+    "Problem",
     "Publish",
     "Resource",
     "SimGpuSpec",
@@ -120,6 +124,7 @@ __all__ = [
     "ResponseStream",
     "RpcError",
     "Service",
+    "SocketInUseError",
     "Status",
     "StatusCode",
     "__version__",

@@ -10,8 +10,9 @@ Three pieces:
   (never prometheus_client's global one: an embedder may run several plugins in one
   process), recorded through plain, fast methods that do no I/O.  Labels are bounded:
   resource names, gRPC method names, event kinds and XID codes, never device IDs.
-* :class:`HealthStatus`: what ``/healthz`` and ``/readyz`` answer, updated by the runtime
-  (available as :attr:`Metrics.health`).
+* :class:`HealthStatus`: what ``/healthz`` and ``/readyz`` answer (available as
+  :attr:`Metrics.health`): on each probe it runs every resource's live check, which the
+  runtime hands over (:meth:`Metrics.set_live_check`), and applies the probe's rules.
 * :func:`serve_metrics`: an h11 server on trio answering ``GET``/``HEAD`` for
   ``/healthz``, ``/readyz`` and ``/metrics``, one task per connection, with keep-alive,
   bounded requests and an idle timeout.  :func:`parse_address` parses the flag's
@@ -23,18 +24,20 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
-from typing import Final, NoReturn
+from typing import Final, Literal, NoReturn
 
 import h11
 import prometheus_client
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ._observe import Observer
+from ._observe import LiveCheck, Observer, Problem
 from ._version import __version__
 
 __all__ = [
     "IDLE_TIMEOUT",
+    "LIVENESS_GRACE",
+    "LIVE_CHECK_TIMEOUT",
     "MAX_BODY_BYTES",
     "MAX_HEADER_BYTES",
     "NVML_EVENT_KINDS",
@@ -64,6 +67,27 @@ MAX_HEADER_BYTES: Final = 8 * 1024
 #: Largest request body read (the probes take none); beyond it the answer is 413.
 MAX_BODY_BYTES: Final = 64 * 1024
 
+#: Bound on one resource's live check, in seconds: its dial and its gRPC call.  Below the
+#: probes' ``timeoutSeconds`` (2 s in k8s/daemonset.yaml) with room for the HTTP
+#: exchange, so that a server that does not answer shows up as a 503 naming it rather
+#: than as a probe timeout that names nothing.  GetDevicePluginOptions is answered from
+#: memory: a dial and the call take milliseconds even on a node throttled to the
+#: DaemonSet's 200m CPU, so 1 s does not fail a server that is merely slow.
+LIVE_CHECK_TIMEOUT: Final = 1.0
+
+#: How long liveness forgives a state the plugin repairs by itself (not registered yet,
+#: the kubelet not watching yet, a kubelet.sock replaced but not yet re-registered
+#: with), in seconds; readiness forgives nothing.  After a kubelet restart the plugin
+#: normally registers again within milliseconds, but one Register may legitimately take
+#: up to REGISTER_TIMEOUT (30 s: the kubelet dials back for up to 10 s inside it), and a
+#: refused one is retried with back-off capped at 30 s.  Failing liveness inside that
+#: window would restart a plugin that is about to succeed, and the restart costs another
+#: registration.  With the DaemonSet's liveness (every 10 s, failureThreshold 3) a state
+#: that lasts restarts the pod some 50 to 60 s after it began.
+LIVENESS_GRACE: Final = 30.0
+
+# A check that ignores its timeout is abandoned this much later (seconds).
+_CHECK_SLACK: Final = 0.5
 _RECEIVE_SIZE: Final = 16 * 1024
 _CLOSE_GRACE: Final = 2.0
 _TEXT: Final = b"text/plain; charset=utf-8"
@@ -80,42 +104,129 @@ class _ResourceState:
     reason: str
 
 
-class HealthStatus:
-    """What the probes answer, as the runtime last reported it.
+@dataclasses.dataclass(eq=False)
+class _Flight:
+    """One round of live checks, which every probe arriving meanwhile shares."""
 
-    Liveness (:meth:`healthz`) is ok when at least one resource is known and every known
-    resource is registered with the kubelet and its gRPC server answers.  Readiness
-    (:meth:`readyz`) applies the same rule and additionally fails while NVML was last
-    reported down (:meth:`set_nvml`); NVML that was never reported (a simulated node, or
-    before the first report) does not hold readiness back.  NVML is left out of liveness
-    on purpose: restarting the plugin does not repair a driver.
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    #: By resource; ``None`` if the request running the round was cancelled first.
+    found: dict[str, list[Problem]] | None = None
+
+
+class HealthStatus:
+    """What the probes answer: live checks, run on each probe, and reported state.
+
+    Each resource either has a live check (:meth:`set_live_check`; what
+    :class:`~trio_gpu_plugin.DevicePlugin` gives) or only reported flags
+    (:meth:`set_resource`); a live check, when there is one, decides.  Every probe runs
+    the checks anew, all resources at once, each within ``check_timeout`` seconds;
+    probes that arrive while a round is running share it, so concurrent probes never
+    add dials.  The round runs in the probing request's own task: a slow one holds up
+    only the probes waiting for it, never the server's other requests.
+
+    Liveness (:meth:`healthz`) is ok when at least one resource is known and none has a
+    problem, except problems the plugin repairs by itself (:attr:`Problem.since`) that
+    began less than ``grace`` seconds ago, once a probe has been answered ok: before
+    that the first registration is what we wait for, and the startupProbe (which asks
+    ``/healthz`` too) must not pass until it is done.  Readiness (:meth:`readyz`)
+    forgives nothing and additionally fails while NVML was last reported down
+    (:meth:`set_nvml`); NVML that was never reported (a simulated node, or before the
+    first report) does not hold readiness back.  NVML is left out of liveness on
+    purpose: restarting the plugin does not repair a driver.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, check_timeout: float = LIVE_CHECK_TIMEOUT,
+                 grace: float = LIVENESS_GRACE) -> None:
+        self.check_timeout = check_timeout
+        self.grace = grace
         self._resources: dict[str, _ResourceState] = {}
+        self._checks: dict[str, LiveCheck] = {}
         self._nvml_up: bool | None = None
         self._nvml_reason = ""
+        self._flight: _Flight | None = None
+        # Whether /healthz last answered ok, to log when that changes (the kubelet's
+        # probe events never show our answer, only "statuscode: 503").
+        self._live_ok: bool | None = None
+        self._failure_logged = False
+        # Set once a probe has been answered ok: the grace applies from then on.
+        self._started = False
 
     def set_resource(self, resource: str, registered: bool, serving: bool, reason: str) -> None:
         """Record the state of ``resource`` (for example ``nvidia.com/gpu``): whether it is
         registered with the kubelet, whether its server answers, and why not (may be
-        empty)."""
+        empty).  Used only while ``resource`` has no live check."""
         self._resources[resource] = _ResourceState(registered, serving, reason)
+
+    def set_live_check(self, resource: str, check: LiveCheck) -> None:
+        """Ask ``check`` about ``resource`` on every probe (replacing any earlier one)."""
+        self._checks[resource] = check
 
     def forget_resource(self, resource: str) -> None:
         """Stop accounting for ``resource`` (it was removed from the configuration)."""
         self._resources.pop(resource, None)
+        self._checks.pop(resource, None)
 
     def set_nvml(self, up: bool, reason: str = "") -> None:
         """Record whether NVML answers (readiness only)."""
         self._nvml_up = up
         self._nvml_reason = reason
 
-    def _resource_problems(self) -> list[str]:
-        if not self._resources:
+    async def _look(self) -> dict[str, list[Problem]]:
+        """Every live check's problems, from a round started now or already running."""
+        while True:
+            flight = self._flight
+            if flight is None:
+                flight = self._flight = _Flight()
+                try:
+                    flight.found = await self._round(dict(self._checks))
+                finally:
+                    # Even when this request is cancelled: the probes sharing the round
+                    # must not wait for ever (they see no result and run their own).
+                    self._flight = None
+                    flight.done.set()
+            else:
+                await flight.done.wait()
+            if flight.found is not None:
+                return flight.found
+
+    async def _round(self, checks: dict[str, LiveCheck]) -> dict[str, list[Problem]]:
+        found: dict[str, list[Problem]] = {}
+        async with trio.open_nursery() as nursery:
+            for name, check in checks.items():
+                nursery.start_soon(self._check_one, name, check, found)
+        return found
+
+    async def _check_one(self, name: str, check: LiveCheck,
+                         found: dict[str, list[Problem]]) -> None:
+        limit = self.check_timeout + _CHECK_SLACK
+        with trio.move_on_after(limit):
+            try:
+                found[name] = await check(self.check_timeout)
+            except Exception as exc:
+                # A bug in a check must not take the HTTP server (and the plugin with
+                # it) down; failing the probe, saying why, is the right answer.
+                log.exception("%s: the live health check failed", name)
+                found[name] = [Problem(f"the health check failed: {type(exc).__name__}: {exc}")]
+            return
+        found[name] = [Problem(f"the health check did not finish within {limit:g} s")]
+
+    async def _problems(self, probe: Literal["liveness", "readiness"]) -> list[str]:
+        if not self._resources and not self._checks:
+            await trio.lowlevel.checkpoint()
             return ["starting: no resource known yet"]
+        found = await self._look() if self._checks else {}
+        now = trio.current_time()
         problems = []
-        for name in sorted(self._resources):
+        for name in sorted(self._resources.keys() | self._checks.keys()):
+            if name in self._checks:
+                # A check set while the round ran (a reload) is not in it: not known yet.
+                unchecked = [Problem("not checked yet", since=now)]
+                for problem in found.get(name, unchecked):
+                    transient = (self._started and problem.since is not None
+                                 and now - problem.since < self.grace)
+                    if probe == "readiness" or not transient:
+                        problems.append(f"{name}: {problem.text}")
+                continue
             state = self._resources[name]
             what = [w for w, bad in (("not registered", not state.registered),
                                      ("not serving", not state.serving)) if bad]
@@ -126,17 +237,30 @@ class HealthStatus:
                 problems.append(line)
         return problems
 
-    def healthz(self) -> tuple[bool, str]:
+    async def healthz(self) -> tuple[bool, str]:
         """``(ok, text)`` for the liveness probe; ``text`` lists the problems, one a line."""
-        return _verdict(self._resource_problems())
+        ok, text = _verdict(await self._problems("liveness"))
+        if not ok and self._live_ok:
+            self._failure_logged = True
+            log.warning("/healthz now fails, and the kubelet restarts the plugin if it goes on "
+                        "failing (the livenessProbe's failureThreshold): %s",
+                        "; ".join(text.splitlines()))
+        elif ok and self._live_ok is False and self._failure_logged:
+            log.info("/healthz is ok again")
+        self._live_ok = ok
+        self._started = self._started or ok
+        return ok, text
 
-    def readyz(self) -> tuple[bool, str]:
-        """``(ok, text)`` for the readiness probe: :meth:`healthz`'s rule plus NVML up."""
-        problems = self._resource_problems()
+    async def readyz(self) -> tuple[bool, str]:
+        """``(ok, text)`` for the readiness probe: every problem, forgiving none, plus NVML
+        down."""
+        problems = await self._problems("readiness")
         if self._nvml_up is False:
             problems.append(f"nvml: down: {self._nvml_reason}" if self._nvml_reason
                             else "nvml: down")
-        return _verdict(problems)
+        ok, text = _verdict(problems)
+        self._started = self._started or ok
+        return ok, text
 
 
 def _verdict(problems: list[str]) -> tuple[bool, str]:
@@ -239,6 +363,11 @@ class Metrics(Observer):
         """Record ``resource``'s registration and server state for the probes
         (:meth:`HealthStatus.set_resource`)."""
         self.health.set_resource(resource, registered, serving, reason)
+
+    def set_live_check(self, resource: str, check: LiveCheck) -> None:
+        """Run ``check`` for ``resource`` on every probe
+        (:meth:`HealthStatus.set_live_check`)."""
+        self.health.set_live_check(resource, check)
 
     def forget_resource(self, resource: str) -> None:
         """``resource`` is no longer served: drop it from the probes and drop its device
@@ -384,7 +513,7 @@ async def _exchange(
                            close=True)
         return False
 
-    status, headers, body = _route(request.method, request.target, metrics)
+    status, headers, body = await _route(request.method, request.target, metrics)
     await _respond(stream, conn, status, body, headers=headers,
                    head=request.method == b"HEAD")
     if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
@@ -393,10 +522,12 @@ async def _exchange(
     return False
 
 
-def _route(
+async def _route(
     method: bytes, target: bytes, metrics: Metrics
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """``(status, extra headers, body)`` for a request; the body is dropped for HEAD."""
+    """``(status, extra headers, body)`` for a request; the body is dropped for HEAD.
+
+    The probes wait for their live checks here, in this connection's task only."""
     path = target.split(b"?", 1)[0]
     if path not in (b"/healthz", b"/readyz", b"/metrics"):
         return 404, [], b"not found\n"
@@ -405,7 +536,8 @@ def _route(
     if path == b"/metrics":
         content_type = prometheus_client.CONTENT_TYPE_LATEST.encode("ascii")
         return 200, [(b"content-type", content_type)], metrics.render()
-    ok, text = metrics.health.healthz() if path == b"/healthz" else metrics.health.readyz()
+    health = metrics.health
+    ok, text = await (health.healthz() if path == b"/healthz" else health.readyz())
     return (200 if ok else 503), [], text.encode("utf-8", "replace")
 
 

@@ -7,7 +7,31 @@ them all, so nothing is measured (and no metrics library is loaded) unless asked
 
 from __future__ import annotations
 
-__all__ = ["Observer"]
+import dataclasses
+from collections.abc import Awaitable, Callable
+
+__all__ = ["LiveCheck", "Observer", "Problem"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a resource right now, as a live check found it.
+
+    ``text`` says what and why, for a person (the health endpoints prefix the resource
+    name).  ``since`` is the trio time at which the state began when it is one the
+    plugin recovers from by itself (between a kubelet restart and the new
+    registration, say): liveness forgives it for a grace period, readiness does not.
+    ``None`` means nothing will repair it without a restart: liveness fails at once.
+    """
+
+    text: str
+    since: float | None = None
+
+
+#: A resource's live check: ``await check(timeout)`` looks now (dials the plugin's
+#: socket, inspects the kubelet's stream) within ``timeout`` seconds and returns what is
+#: wrong, nothing when all is well.
+LiveCheck = Callable[[float], Awaitable[list[Problem]]]
 
 
 class Observer:
@@ -35,7 +59,12 @@ class Observer:
         """NVML started answering, or stopped."""
 
     def set_resource(self, resource: str, registered: bool, serving: bool, reason: str) -> None:
-        """``resource``'s registration and server state, for the health endpoints."""
+        """``resource``'s registration and server state as last reported, for the health
+        endpoints where ``resource`` has no live check (:meth:`set_live_check`)."""
+
+    def set_live_check(self, resource: str, check: LiveCheck) -> None:
+        """The health endpoints should ask ``check`` about ``resource`` on each probe
+        (replacing any earlier check of that name)."""
 
     def forget_resource(self, resource: str) -> None:
         """``resource`` is no longer served."""

@@ -17,10 +17,19 @@ Registration: serve first, then Register, since the kubelet dials back and calls
 GetDevicePluginOptions inside Register, and may open ListAndWatch before Register returns.
 A refused or failed Register is retried with capped exponential back-off and jitter; the
 kubelet's reason is logged once per distinct reason.
+
+Health: :meth:`DevicePlugin.check` looks at a resource *now* rather than recalling how
+its registration went: it dials the resource's socket and asks GetDevicePluginOptions,
+and checks that the kubelet is watching (a ListAndWatch stream is open) and that
+kubelet.sock is still the one we registered with.  The runtime hands it to the observer
+(:meth:`~trio_gpu_plugin._observe.Observer.set_live_check`) for ``/healthz`` and
+``/readyz``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 import pathlib
@@ -32,7 +41,7 @@ import trio
 
 from ._devices import Resource
 from ._grpc import RpcError
-from ._observe import Observer
+from ._observe import Observer, Problem
 from ._service import DevicePluginService
 from ._transport import open_unix_channel, serve_unix
 from ._watch import Identity, PathWatcher, identity
@@ -53,11 +62,45 @@ RETRY_CAP: Final = 30.0
 #: that is unwritable for a while): each attempt is one cheap syscall, and serving again
 #: soon after the cause goes away matters more.
 SERVE_RETRY_CAP: Final = 5.0
+#: Default bound on :meth:`DevicePlugin.check`'s dial and call (seconds).
+CHECK_TIMEOUT: Final = 1.0
 
 
 def _backoff(attempt: int, cap: float = RETRY_CAP) -> float:
     # "Full jitter" keeps several plugins restarted together from retrying in lockstep.
     return random.uniform(0.5, 1.0) * min(cap, RETRY_INITIAL * 2.0**attempt)
+
+
+@dataclasses.dataclass
+class _Registration:
+    """Where one resource's registration stands, for :meth:`DevicePlugin.check`."""
+
+    registered: bool
+    #: Why not registered, as of the latest step (waiting for the kubelet, retrying).
+    reason: str
+    #: trio time since which the resource has been registered, or not registered.  Not
+    #: moved by the steps of one outage (starting over, retrying), so that a plugin stuck
+    #: in a loop of them still shows how long it has been out; but a new kubelet starts
+    #: the clock again (see _registering).
+    since: float
+    #: kubelet.sock as it was when the registration was made (or, while not
+    #: registered, the last kubelet we registered or tried to register with).
+    kubelet: Identity = None
+    #: When a check first saw kubelet.sock differ from :attr:`kubelet`.
+    stale_since: float | None = None
+
+
+async def _no_answer(path: pathlib.Path, timeout: float) -> str | None:
+    """Why the gRPC server at ``path`` does not answer a cheap call, or ``None``."""
+    with trio.move_on_after(timeout):
+        try:
+            async with open_unix_channel(path, connect_timeout=timeout) as channel:
+                await channel.unary(v1beta1.DEVICE_PLUGIN, "GetDevicePluginOptions",
+                                    v1beta1.Empty(), timeout=timeout)
+        except (RpcError, OSError, trio.BrokenResourceError) as exc:
+            return str(exc)
+        return None
+    return f"no reply to GetDevicePluginOptions within {timeout:g} s"
 
 
 class DevicePlugin:
@@ -72,7 +115,8 @@ class DevicePlugin:
         register_timeout: bound on each Register call, in seconds.
         watch_poll_interval: safety-net re-check of the sockets, in seconds, on top of
             inotify (or the polling period where inotify is unavailable).
-        observer: receives registrations, kubelet restarts and DevicePlugin calls.
+        observer: receives registrations, kubelet restarts and DevicePlugin calls, and
+            each resource's live check (:meth:`check`) for the health endpoints.
     """
 
     def __init__(
@@ -104,6 +148,8 @@ class DevicePlugin:
         # Why serving each resource's socket last failed (logged once per cause).
         self._serve_failures: dict[str, str] = {}
         self._registered = {r.name: trio.Event() for r in resources}
+        # For check(); filled in by run(), which has a trio clock to stamp it with.
+        self._state: dict[str, _Registration] = {}
 
     def socket_path(self, resource: Resource) -> pathlib.Path:
         """Where ``resource`` is served."""
@@ -119,17 +165,101 @@ class DevicePlugin:
         """Serve and register every resource until cancelled.
 
         Reports started once every resource has been registered for the first time
-        (after the kubelet's socket appears, if it is not there yet).
+        (after the kubelet's socket appears, if it is not there yet).  Gives the
+        observer each resource's live check (:meth:`check`) first.
         """
-        async with trio.open_nursery() as nursery:
-            for service in self.services.values():
-                await nursery.start(service.resource.source.run, service.publish)
-            for service in self.services.values():
-                nursery.start_soon(self._keep_registered, service)
-            for event in self._registered.values():
-                await event.wait()
-            task_status.started()
+        for name in self.services:
+            self._not_registered(name, "starting: serving and registering")
+            self.observer.set_live_check(name, functools.partial(self.check, name))
+        try:
+            async with trio.open_nursery() as nursery:
+                for service in self.services.values():
+                    await nursery.start(service.resource.source.run, service.publish)
+                for service in self.services.values():
+                    nursery.start_soon(self._keep_registered, service)
+                for event in self._registered.values():
+                    await event.wait()
+                task_status.started()
+        finally:
+            # Our checks stay with the observer until a successor replaces them (a
+            # reload runs a new DevicePlugin), and must not claim we still serve.
+            for name in self.services:
+                self._not_registered(name, "the plugin stopped serving it")
         raise AssertionError("unreachable: _keep_registered never returns")  # pragma: no cover
+
+    async def check(self, resource_name: str, timeout: float = CHECK_TIMEOUT) -> list[Problem]:
+        """What is wrong with serving ``resource_name`` now; an empty list when nothing.
+
+        Looks rather than remembers.  While the resource is registered: dials its socket
+        and calls GetDevicePluginOptions (connect and call within ``timeout`` seconds),
+        checks that a ListAndWatch stream is open (the kubelet watches it), and that
+        kubelet.sock is still the one the registration was made with.  Otherwise it
+        reports why it is not registered.  States the runtime repairs by itself (not
+        registered yet, no stream yet) carry the time they began in
+        :attr:`Problem.since`; a socket that does not answer carries none.  Raises
+        :class:`KeyError` for a resource this plugin does not serve.
+        """
+        service = self.services[resource_name]
+        state = self._state.get(resource_name)
+        if state is None:
+            return [Problem("not served: DevicePlugin.run() has not started")]
+        if not state.registered:
+            return [self._not_registered_problem(state)]
+        path = self.socket_path(service.resource)
+        failure = await _no_answer(path, timeout)
+        current = self._state[resource_name]
+        if current is not state:
+            # The registration ended while we dialled (our socket going away is part of
+            # starting over): that, not the dial, is the news.
+            return [self._not_registered_problem(current)]
+        problems = []
+        if failure is not None:
+            problems.append(Problem(f"socket {path} does not answer: {failure}"))
+        now = trio.current_time()
+        if not service.watchers:
+            # Any client's stream counts: on a node only the kubelet opens one.
+            since = max(state.since, service.unwatched_since or state.since)
+            problems.append(Problem(
+                f"no ListAndWatch stream from the kubelet for {now - since:.0f} s: the "
+                f"kubelet is not watching {path}, so it has no devices of "
+                f"{resource_name} to allocate", since))
+        try:
+            kubelet = identity(self.kubelet_socket)
+        except OSError as exc:
+            problems.append(Problem(f"cannot look at {self.kubelet_socket}: {exc}"))
+        else:
+            if kubelet != state.kubelet:
+                if state.stale_since is None:
+                    state.stale_since = now
+                problems.append(Problem(
+                    f"registered with a kubelet that is gone: {self.kubelet_socket} was "
+                    f"{'removed' if kubelet is None else 'replaced'} (the kubelet restarted) "
+                    "and the plugin has not registered again yet", state.stale_since))
+        return problems
+
+    @staticmethod
+    def _not_registered_problem(state: _Registration) -> Problem:
+        age = trio.current_time() - state.since
+        return Problem(f"not registered with the kubelet for {age:.0f} s: {state.reason}",
+                       state.since)
+
+    def _not_registered(self, name: str, reason: str) -> None:
+        state = self._state.get(name)
+        if state is not None and not state.registered:
+            state.reason = reason  # the same outage goes on: keep when it began
+        else:
+            self._state[name] = _Registration(False, reason, trio.current_time(),
+                                              None if state is None else state.kubelet)
+
+    def _registering(self, name: str, kubelet: Identity) -> None:
+        state = self._state.get(name)
+        reason = f"registering with the kubelet at {self.kubelet_socket}"
+        if state is not None and not state.registered and state.kubelet == kubelet:
+            state.reason = reason
+        else:
+            # A kubelet we have not tried yet: the time without one is not ours to
+            # count (no kubelet, no probes), and this one gets its own grace.
+            self._state[name] = _Registration(False, reason, trio.current_time(), kubelet)
 
     async def _keep_registered(self, service: DevicePluginService) -> NoReturn:
         failures = 0
@@ -152,6 +282,8 @@ class DevicePlugin:
             else:
                 log.warning("%s: waiting for the kubelet: %s does not exist (is --kubelet-socket "
                             "right, and is the kubelet running?)", name, self.kubelet_socket)
+            self._not_registered(name, f"waiting for the kubelet: {self.kubelet_socket} "
+                                       "does not exist")
             await watcher.wait_for_change({str(self.kubelet_socket): None})
             return failures
         failure: OSError | None = None
@@ -164,6 +296,8 @@ class DevicePlugin:
         if failure is not None:
             delay = _backoff(failures, SERVE_RETRY_CAP)
             cause = f"{type(failure).__name__}: {failure}"
+            self._not_registered(name, f"cannot serve {self.socket_path(service.resource)}: "
+                                       f"{cause}")
             if self._serve_failures.get(name) != cause:
                 self._serve_failures[name] = cause
                 log.warning("%s: cannot serve %s: %s; retrying every few seconds (the same "
@@ -193,7 +327,10 @@ class DevicePlugin:
                              resource.name, path, failed)
                 baseline = {str(self.kubelet_socket): kubelet, str(path): identity(path)}
                 nursery.start_soon(self._watch, watcher, baseline, epoch, why)
+                self._registering(resource.name, kubelet)
                 await self._register(resource)
+                self._state[resource.name] = _Registration(True, "", trio.current_time(),
+                                                           kubelet)
                 self.registrations[resource.name] += 1
                 self.observer.registered(resource.name)
                 self.observer.set_resource(resource.name, True, True, "")
@@ -204,6 +341,7 @@ class DevicePlugin:
         if "the kubelet restarted" in reason:
             self.observer.kubelet_restart(resource.name)
         self.observer.set_resource(resource.name, False, False, f"starting over: {reason}")
+        self._not_registered(resource.name, f"starting over: {reason}")
         return reason
 
     async def _watch(self, watcher: PathWatcher, baseline: dict[str, Identity],
@@ -236,6 +374,7 @@ class DevicePlugin:
                 delay = _backoff(attempt)
                 attempt += 1
                 reason = str(exc)
+                self._not_registered(resource.name, f"registration failed (retrying): {reason}")
                 if reason != last_reason:
                     log.warning("%s: registration with the kubelet failed: %s (retrying with "
                                 "back-off; further identical failures are logged at debug level)",

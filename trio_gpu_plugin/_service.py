@@ -40,7 +40,12 @@ class DevicePluginService:
         self._response = v1beta1.ListAndWatchResponse()
         self._version = 0
         self._changed = trio.Event()
+        #: ListAndWatch streams open now (the kubelet's, plus any other client's).
         self.watchers = 0
+        #: trio time at which the last open stream ended; ``None`` until one has.  The
+        #: live health check reads it with :attr:`watchers` to say for how long nobody
+        #: has been watching.
+        self.unwatched_since: float | None = None
 
     # --- the device table -------------------------------------------------------------
 
@@ -92,6 +97,8 @@ class DevicePluginService:
                     await changed.wait()
         finally:
             self.watchers -= 1
+            if not self.watchers:
+                self.unwatched_since = trio.current_time()
 
     async def get_preferred_allocation(
         self, request: v1beta1.PreferredAllocationRequest
