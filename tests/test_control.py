@@ -92,10 +92,22 @@ class FakeTarget:
         self._record("unhang", gpu)
 
     def set_pending(
-        self, gpu: int | str, *, retired_pages: bool | None = None, row_remap: bool | None = None
+        self, gpu: int | str, *, retired_pages: bool | None = None, row_remap: bool | None = None,
+        row_remap_failed: bool | None = None,
     ) -> None:
         self.gpu_index(gpu)
-        self._record("set_pending", gpu, retired_pages, row_remap)
+        if row_remap_failed is None:
+            self._record("set_pending", gpu, retired_pages, row_remap)
+        else:
+            self._record("set_pending", gpu, retired_pages, row_remap, row_remap_failed)
+
+    def set_recovery_action(self, gpu: int | str, action: int | None) -> None:
+        self.gpu_index(gpu)
+        self._record("set_recovery_action", gpu, action)
+
+    def add_ecc_errors(self, gpu: int | str, count: int, *, corrected: bool = False) -> None:
+        self.gpu_index(gpu)
+        self._record("add_ecc_errors", gpu, count, corrected)
 
     def nvml_down(self) -> None:
         self._record("nvml_down")
@@ -204,6 +216,18 @@ def test_fake_is_a_fault_target() -> None:
             {"op": "pending", "gpu": 1, "retired_pages": False, "row_remap": True},
             ("set_pending", 1, False, True),
         ),
+        (
+            {"op": "pending", "gpu": 1, "row_remap_failed": True},
+            ("set_pending", 1, None, None, True),
+        ),
+        ({"op": "recovery-action", "gpu": 0, "action": "gpu_reset"},
+         ("set_recovery_action", 0, 1)),
+        ({"op": "recovery-action", "gpu": 0, "action": "NONE"}, ("set_recovery_action", 0, 0)),
+        ({"op": "recovery-action", "gpu": 1, "action": 7}, ("set_recovery_action", 1, 7)),
+        ({"op": "recovery-action", "gpu": 1, "action": None}, ("set_recovery_action", 1, None)),
+        ({"op": "ecc-errors", "gpu": 0, "count": 3}, ("add_ecc_errors", 0, 3, False)),
+        ({"op": "ecc-errors", "gpu": 0, "count": 1, "corrected": True},
+         ("add_ecc_errors", 0, 1, True)),
         ({"op": "nvml-down"}, ("nvml_down",)),
         ({"op": "nvml-up"}, ("nvml_up",)),
     ],
@@ -267,8 +291,8 @@ async def test_last_line_without_newline_is_answered_at_eof(
 
 # --- errors ----------------------------------------------------------------------------
 
-VALID_OPS = ["xid", "ecc-dbe", "lost", "recover", "hang", "unhang", "pending", "nvml-down", "nvml-up",
-             "list"]
+VALID_OPS = ["xid", "ecc-dbe", "lost", "recover", "hang", "unhang", "pending", "recovery-action",
+             "ecc-errors", "nvml-down", "nvml-up", "list"]
 
 
 @pytest.mark.parametrize(
@@ -335,7 +359,7 @@ VALID_OPS = ["xid", "ecc-dbe", "lost", "recover", "hang", "unhang", "pending", "
             b'{"op": "xid", "gpu": 1, "xid": 79, "gi": 1.5}',
             ['"gi" must be a non-negative integer, got 1.5'],
         ),
-        (b'{"op": "pending", "gpu": 1}', ['op "pending" needs "retired_pages" or "row_remap"']),
+        (b'{"op": "pending", "gpu": 1}', ['op "pending" needs "retired_pages", "row_remap" or "row_remap_failed"']),
         (
             b'{"op": "pending", "gpu": 1, "retired_pages": 1}',
             ['"retired_pages" must be true or false, got 1'],
@@ -683,3 +707,54 @@ def test_request_from_args(args: tuple[Any, ...], request_: dict[str, Any]) -> N
 
 def test_control_ops() -> None:
     assert list(CONTROL_OPS) == VALID_OPS
+
+
+@pytest.mark.parametrize(
+    ("request_", "error"),
+    [
+        ({"op": "recovery-action", "gpu": 0}, 'needs "action"'),
+        ({"op": "recovery-action", "gpu": 0, "action": "reboot"}, "must be one of bus_reset"),
+        ({"op": "recovery-action", "gpu": 0, "action": 99}, "must be one of"),
+        ({"op": "ecc-errors", "gpu": 0}, 'needs "count"'),
+        ({"op": "ecc-errors", "gpu": 0, "count": -1}, "non-negative integer"),
+    ],
+)
+async def test_new_fault_ops_say_what_is_wrong(
+    connect: Connect, control: pathlib.Path, target: FakeTarget, request_: dict[str, Any],
+    error: str,
+) -> None:
+    client = await connect(control)
+    answer = await client.ask(request_)
+    assert answer["ok"] is False and error in answer["error"]
+    assert target.calls == []
+
+
+async def test_a_successors_socket_with_our_inode_number_is_left_on_cancel(
+    socket_dir: pathlib.Path, target: FakeTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ext4 gives a socket bound after ours was removed our inode number at once; only the
+    # change time tells the successor's apart.  Pretend the successor got ours.
+    import os
+
+    path = socket_dir / "control.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_control, target, path)
+        ours = os.lstat(path)
+        path.unlink()
+        successor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        successor.bind(str(path))
+        real_lstat = os.lstat
+
+        def lstat(p: Any, *args: Any, **kwargs: Any) -> Any:
+            st = real_lstat(p, *args, **kwargs)
+            if os.fspath(p) == str(path):
+                fields = list(st)
+                fields[1], fields[2] = ours.st_ino, ours.st_dev  # st_ino, st_dev
+                return os.stat_result(fields, {"st_ctime_ns": st.st_ctime_ns})
+            return st
+
+        monkeypatch.setattr(os, "lstat", lstat)
+        nursery.cancel_scope.cancel()
+    monkeypatch.undo()
+    assert path.exists()
+    successor.close()

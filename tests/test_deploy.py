@@ -36,7 +36,7 @@ MEASURED_RSS_MIB = 33
 DEVICE_PLUGINS = "/var/lib/kubelet/device-plugins"
 DRIVER_ROOT_CTR_PATH = "/driver-root"  # --driver-root-ctr-path's default
 #: Set for the NVIDIA container runtime, not read by the plugin.
-RUNTIME_ENVS = {"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"}
+RUNTIME_ENVS = {"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES", "NVIDIA_MIG_MONITOR_DEVICES"}
 
 
 def manifest_files() -> list[pathlib.Path]:
@@ -225,6 +225,8 @@ def test_daemonset_env_is_ours_and_valid(container: dict[str, Any]) -> None:
     env = env_of(container)
     assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
     assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
+    # As NVIDIA's chart sets it where MIG may be used: NVML's MIG parent totals need it.
+    assert env["NVIDIA_MIG_MONITOR_DEVICES"] == "all"
     assert env["LOG_FORMAT"] == "json"
     # Values the plugin reads must be accepted by it (raises ConfigError otherwise).
     _, warnings = resolve_config({}, env, None)

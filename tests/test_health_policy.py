@@ -22,6 +22,7 @@ from trio_gpu_plugin._node_model import GpuInfo, MigInfo, NodeModel
 from trio_gpu_plugin._nvml import (
     EVENT_DOUBLE_BIT_ECC,
     EVENT_GPU_UNAVAILABLE,
+    EVENT_RECOVERY_ACTION,
     EVENT_SINGLE_BIT_ECC,
     EVENT_XID,
     NO_INSTANCE,
@@ -165,6 +166,15 @@ def test_enable_all_beats_disable_all_for_every_check() -> None:
     assert hc.counts_xid(13) and hc.checks_dbe and hc.checks_lost
 
 
+def test_the_recovery_action_goes_with_the_default_xid_checks() -> None:
+    assert HealthChecks().checks_recovery_action
+    assert HealthChecks().event_mask(EVENT_RECOVERY_ACTION) == EVENT_RECOVERY_ACTION
+    assert checks(enable="all").checks_recovery_action
+    for off in (checks(disable="xids"), checks(disable="all"), checks(disable="all", enable="79")):
+        assert not off.checks_recovery_action
+        assert off.event_mask(ALL_EVENTS | EVENT_RECOVERY_ACTION) & EVENT_RECOVERY_ACTION == 0
+
+
 def test_event_mask_is_anded_with_supported_types() -> None:
     hc = HealthChecks()
     assert hc.event_mask(ALL_EVENTS) == EVENT_XID | EVENT_DOUBLE_BIT_ECC | EVENT_GPU_UNAVAILABLE
@@ -178,7 +188,7 @@ def test_event_mask_is_anded_with_supported_types() -> None:
         (
             None,
             None,
-            "health checks: XIDs except 13, 31, 43, 45, 68, 109; double-bit ECC; GPU lost",
+            "health checks: XIDs except 13, 31, 43, 45, 68, 109; driver recovery action; double-bit ECC; GPU lost",
         ),
         ("all", None, "health checks: off (DP_DISABLE_HEALTHCHECKS=all)"),
         (
@@ -194,18 +204,18 @@ def test_event_mask_is_anded_with_supported_types() -> None:
         (
             "79,48",
             "31",
-            "health checks: XIDs except 13, 43, 45, 48, 68, 79, 109; double-bit ECC; GPU lost"
+            "health checks: XIDs except 13, 43, 45, 48, 68, 79, 109; driver recovery action; double-bit ECC; GPU lost"
             " (DP_DISABLE_HEALTHCHECKS=48,79, DP_ENABLE_HEALTHCHECKS=31)",
         ),
         (
             None,
             "all",
-            "health checks: all XIDs; double-bit ECC; GPU lost (DP_ENABLE_HEALTHCHECKS=all)",
+            "health checks: all XIDs; driver recovery action; double-bit ECC; GPU lost (DP_ENABLE_HEALTHCHECKS=all)",
         ),
         (
             None,
             "13,31,43,45,68,109",
-            "health checks: all XIDs; double-bit ECC; GPU lost"
+            "health checks: all XIDs; driver recovery action; double-bit ECC; GPU lost"
             " (DP_ENABLE_HEALTHCHECKS=13,31,43,45,68,109)",
         ),
     ],

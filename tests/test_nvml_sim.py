@@ -44,6 +44,9 @@ def opened() -> Iterator[list[SimulatedNVML]]:
 
 def start(node: str | SimNodeSpec, sims: list[SimulatedNVML] | None = None,
           **kwargs: Any) -> SimulatedNVML:
+    """An initialised simulator; privileged unless told otherwise, as go-nvlib's own
+    queries (below) need, and as NVIDIA's plugin runs on MIG nodes."""
+    kwargs.setdefault("privileged", True)
     sim = SimulatedNVML(node_from(node) if isinstance(node, str) else node, **kwargs)
     sim.nvmlInit()
     if sims is not None:
@@ -791,3 +794,148 @@ def test_unknown_numa_is_minus_one_and_bus_ids_are_generated(tmp_path: pathlib.P
     assert [f.read_text() for f in files] == ["-1\n", "-1\n"]
     assert (tmp_path / "dev/nvidia7").is_file()
     assert not (tmp_path / "proc/driver/nvidia-caps").exists()  # no MIG, no caps
+
+
+# -- what real nodes do (issue 13) ---------------------------------------------------------
+
+
+def test_without_privilege_a_mig_parent_refuses_its_aggregate_and_instances() -> None:
+    sim = start("a100-mig", privileged=False)
+    parent = sim.nvmlDeviceGetHandleByIndex(0)
+    mig = sim.nvmlDeviceGetMigDeviceHandleByIndex(parent, 0)
+    with pytest.raises(pynvml.NVMLError_NoPermission):
+        sim.nvmlDeviceGetMemoryInfo(parent)
+    with pytest.raises(pynvml.NVMLError_NoPermission):
+        sim.nvmlDeviceGetGpuInstanceById(parent, sim.nvmlDeviceGetGpuInstanceId(mig))
+    # What needs no privilege still answers: the slice's own memory, attributes, profiles.
+    assert sim.nvmlDeviceGetMemoryInfo(mig).total == 19968 * 2**20
+    assert sim.nvmlDeviceGetAttributes(mig).memorySizeMB == 19968
+    assert sim.nvmlDeviceGetGpuInstanceProfileInfo(parent, 0).name == "MIG 1g.5gb"
+    sim.set_privileged(True)
+    assert sim.nvmlDeviceGetMemoryInfo(parent).total == 40960 * 2**20
+    # A GPU without MIG answers anyone.
+    t4 = start("single-t4", privileged=False)
+    assert t4.nvmlDeviceGetMemoryInfo(t4.nvmlDeviceGetHandleByIndex(0)).total > 0
+
+
+def test_a_wait_on_a_set_with_a_lost_gpu_fails_after_the_xid() -> None:
+    sim = start("pcie-4")
+    events = sim.nvmlEventSetCreate()
+    for h in handles(sim):
+        sim.nvmlDeviceRegisterEvents(h, 0x8, events)
+    sim.lose(1)
+    assert sim.nvmlEventSetWait_v2(events, 0).eventData == 79
+    for _ in range(3):
+        with pytest.raises(pynvml.NVMLError_GpuIsLost):
+            sim.nvmlEventSetWait_v2(events, 1000)  # at once, not after the timeout
+    sim.recover(1)
+    with pytest.raises(pynvml.NVMLError_Timeout):
+        sim.nvmlEventSetWait_v2(events, 0)
+    sim.nvmlEventSetFree(events)
+
+
+def test_injected_call_failures_name_the_call_and_undo() -> None:
+    sim = start("pcie-4")
+    sim.fail(2, ["nvmlDeviceGetMinorNumber"], pynvml.NVML_ERROR_GPU_IS_LOST)
+    gpu = sim.nvmlDeviceGetHandleByIndex(2)
+    assert sim.nvmlDeviceGetUUID(gpu).startswith("GPU-")  # the rest answers
+    with pytest.raises(pynvml.NVMLError_GpuIsLost):
+        sim.nvmlDeviceGetMinorNumber(gpu)
+    assert sim.nvmlDeviceGetMinorNumber(sim.nvmlDeviceGetHandleByIndex(1)) == 1
+    sim.unfail(2)
+    assert sim.nvmlDeviceGetMinorNumber(gpu) == 2
+    with pytest.raises(ValueError, match="nvmlDeviceGetMinor"):
+        sim.fail(2, ["nvmlDeviceGetMinor"], pynvml.NVML_ERROR_UNKNOWN)
+
+
+def test_unsupported_link_numbers_come_before_the_active_ones() -> None:
+    node = SimNodeSpec("holes", (SimGpuSpec(nvlinks={1: 2}, nvlink_unsupported=(0, 3)),
+                                 SimGpuSpec(nvlinks={0: 2})))
+    sim = start(node)
+    a, b = handles(sim)
+    with pytest.raises(pynvml.NVMLError_NotSupported):
+        sim.nvmlDeviceGetNvLinkState(a, 0)
+    assert [sim.nvmlDeviceGetNvLinkState(a, n) for n in (1, 2, 4)] == [1, 1, 0]
+    with pytest.raises(pynvml.NVMLError_NotSupported):
+        sim.nvmlDeviceGetNvLinkState(a, 3)
+    peer = sim.nvmlDeviceGetPciInfo(b).busId
+    assert sim.nvmlDeviceGetNvLinkRemotePciInfo(a, 2).busId == peer
+    with pytest.raises(ValueError, match="nvlink_unsupported"):
+        SimNodeSpec("bad", (SimGpuSpec(nvlink_unsupported=(0, 0)),))
+
+
+def test_the_recovery_action_field_is_a_value_or_not_supported() -> None:
+    field = pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION
+    old = start("single-t4")
+    [value] = old.nvmlDeviceGetFieldValues(old.nvmlDeviceGetHandleByIndex(0), [field])
+    assert value.nvmlReturn == pynvml.NVML_ERROR_NOT_SUPPORTED
+    node = SimNodeSpec("new", (SimGpuSpec("Tesla T4", recovery_action=0),))
+    sim = start(node)
+    gpu = sim.nvmlDeviceGetHandleByIndex(0)
+    assert sim.nvmlDeviceGetSupportedEventTypes(gpu) & 0x8000
+    events = sim.nvmlEventSetCreate()
+    sim.nvmlDeviceRegisterEvents(gpu, 0x8 | 0x8000, events)
+    sim.xid(0, 79, recovery_action=pynvml.NVML_GPU_RECOVERY_ACTION_GPU_RESET)
+    assert [sim.nvmlEventSetWait_v2(events, 0).eventType for _ in range(2)] == [0x8000, 0x8]
+    [value, other] = sim.nvmlDeviceGetFieldValues(gpu, [(field, 0), 1])
+    assert (value.nvmlReturn, value.value.uiVal) == (0, pynvml.NVML_GPU_RECOVERY_ACTION_GPU_RESET)
+    assert other.nvmlReturn == pynvml.NVML_ERROR_NOT_SUPPORTED
+    sim.recover(0)  # a reset: the driver asks for nothing any more
+    assert sim.nvmlDeviceGetFieldValues(gpu, [field])[0].value.uiVal == 0
+    sim.lose(0)
+    with pytest.raises(pynvml.NVMLError_GpuIsLost):
+        sim.nvmlDeviceGetFieldValues(gpu, [field])
+    sim.nvmlEventSetFree(events)
+
+
+def test_a_failed_row_remap_outlives_a_reset_and_volatile_ecc_counts_do_not() -> None:
+    sim = start("dgx-a100")
+    gpu = sim.nvmlDeviceGetHandleByIndex(3)
+    unc, vol, agg = (pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_VOLATILE_ECC,
+                     pynvml.NVML_AGGREGATE_ECC)
+    sim.ecc_dbe(3)
+    sim.add_ecc_errors(3, 4)
+    sim.set_pending(3, row_remap_failed=True)
+    assert sim.nvmlDeviceGetRemappedRows(gpu) == (0, 1, 1, 1)
+    assert sim.nvmlDeviceGetTotalEccErrors(gpu, unc, vol) == 5
+    sim.recover(3)
+    assert sim.nvmlDeviceGetRemappedRows(gpu) == (0, 1, 0, 1)
+    assert sim.nvmlDeviceGetTotalEccErrors(gpu, unc, vol) == 0
+    assert sim.nvmlDeviceGetTotalEccErrors(gpu, unc, agg) == 5
+    assert sim.nvmlDeviceGetTotalEccErrors(gpu, pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, agg) == 0
+
+
+def test_tearing_nvml_down_under_a_hung_call_is_counted() -> None:
+    sim = start("pcie-4")
+    gpu = sim.nvmlDeviceGetHandleByIndex(0)
+    sim.hang(0)
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            sim.nvmlDeviceGetMemoryInfo(gpu)
+        except pynvml.NVMLError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not sim.blocked and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sim.nvmlShutdown()
+    assert sim.shutdown_under_live_call == 1
+    sim.unhang(0)
+    thread.join(5)
+    assert [type(e) for e in errors] == [pynvml.NVMLError_Uninitialized]
+
+
+def test_an_a30_splits_in_four_as_the_driver_numbers_it() -> None:
+    node = SimNodeSpec("a30", (SimGpuSpec("NVIDIA A30", mig=("2g.12gb", "1g.6gb", "1g.6gb")),))
+    sim = start(node)
+    gpu = sim.nvmlDeviceGetHandleByIndex(0)
+    assert sim.nvmlDeviceGetMaxMigDeviceCount(gpu) == 4
+    migs = [sim.nvmlDeviceGetMigDeviceHandleByIndex(gpu, i) for i in range(3)]
+    # Swizzle IDs over 4 memory slices: 0 all, 1-2 halves, 3-6 quarters.
+    assert sorted(sim.nvmlDeviceGetGpuInstanceId(m) for m in migs) == [1, 5, 6]
+    with pytest.raises(ValueError, match="4 compute slices, 4 memory slices"):
+        SimNodeSpec("too-much", (SimGpuSpec("NVIDIA A30", mig=("4g.24gb", "1g.6gb")),))

@@ -14,7 +14,8 @@ import trio
 
 from trio_gpu_plugin import DevicePlugin, Resource
 from trio_gpu_plugin._devices import DeviceInfo
-from trio_gpu_plugin._discovery import DiscoveryError, discover, numa_node_path, profile_name
+from trio_gpu_plugin._discovery import DiscoveryError, discover, numa_node_path
+from trio_gpu_plugin._mig_profiles import profile_name
 from trio_gpu_plugin._health import HealthChecks
 from trio_gpu_plugin._nvml_sim import PRESETS, SimulatedNVML, node_from
 from trio_gpu_plugin._nvml_source import (

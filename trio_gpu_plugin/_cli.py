@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="for op pending: page retirement pending")
     inject.add_argument("--row-remap", metavar="BOOL", type=parse_bool_arg,
                         help="for op pending: row remap pending")
+    inject.add_argument("--row-remap-failed", metavar="BOOL", type=parse_bool_arg,
+                        help="for op pending: row remapping failed (survives a reset)")
+    inject.add_argument("--action", metavar="ACTION",
+                        help="for op recovery-action: none, gpu_reset, node_reboot, drain_p2p, "
+                             "drain_and_reset, recover_imex_domain, bus_reset, system_reboot, "
+                             "or null (a driver that reports none)")
+    inject.add_argument("--count", type=int, help="for op ecc-errors: how many errors")
+    inject.add_argument("--corrected", metavar="BOOL", type=parse_bool_arg,
+                        help="for op ecc-errors: corrected errors (default: uncorrectable)")
     return parser
 
 
@@ -282,7 +291,9 @@ def inject(args: argparse.Namespace) -> int:
         print(f"trio-gpu-plugin inject: error: op {args.op} needs --gpu", file=sys.stderr)
         return 2
     request = request_from_args(args.op, args.gpu, args.xid, args.gi, args.ci,
-                                args.retired_pages, args.row_remap)
+                                args.retired_pages, args.row_remap,
+                                row_remap_failed=args.row_remap_failed, action=args.action,
+                                count=args.count, corrected=args.corrected)
     try:
         answer = send_control_sync(args.control, request)
     except (OSError, ValueError) as exc:

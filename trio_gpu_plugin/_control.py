@@ -54,7 +54,10 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, NoReturn, Protocol
 
+import pynvml
 import trio
+
+from ._watch import Identity, identity as identity_of
 
 __all__ = [
     "CONTROL_OPS",
@@ -81,7 +84,9 @@ _OP_KEYS: Final[Mapping[str, frozenset[str]]] = {
     "recover": frozenset({"gpu"}),
     "hang": frozenset({"gpu"}),
     "unhang": frozenset({"gpu"}),
-    "pending": frozenset({"gpu", "retired_pages", "row_remap"}),
+    "pending": frozenset({"gpu", "retired_pages", "row_remap", "row_remap_failed"}),
+    "recovery-action": frozenset({"gpu", "action"}),
+    "ecc-errors": frozenset({"gpu", "count", "corrected"}),
     "nvml-down": frozenset(),
     "nvml-up": frozenset(),
     "list": frozenset(),
@@ -144,9 +149,19 @@ class FaultTarget(Protocol):
         ...
 
     def set_pending(
-        self, gpu: int | str, *, retired_pages: bool | None = None, row_remap: bool | None = None
+        self, gpu: int | str, *, retired_pages: bool | None = None, row_remap: bool | None = None,
+        row_remap_failed: bool | None = None,
     ) -> None:
-        """Set or clear pending page retirement / row remapping on ``gpu`` (None: as is)."""
+        """Set or clear pending page retirement / row remapping, or a failed row
+        remapping, on ``gpu`` (None: as is)."""
+        ...
+
+    def set_recovery_action(self, gpu: int | str, action: int | None) -> None:
+        """The driver's recovery action for ``gpu`` (``None``: the driver reports none)."""
+        ...
+
+    def add_ecc_errors(self, gpu: int | str, count: int, *, corrected: bool = False) -> None:
+        """``count`` more ECC errors on ``gpu`` (uncorrectable unless ``corrected``)."""
         ...
 
     def nvml_down(self) -> None:
@@ -268,6 +283,29 @@ def _flag(request: Mapping[str, Any], key: str) -> bool | None:
     return value
 
 
+#: ``NVML_GPU_RECOVERY_ACTION_*`` by name, for requests that name the action.
+_ACTIONS: Final = {name.removeprefix("NVML_GPU_RECOVERY_ACTION_").lower(): getattr(pynvml, name)
+                   for name in dir(pynvml) if name.startswith("NVML_GPU_RECOVERY_ACTION_")}
+_ACTION_NAMES: Final = {value: name.upper() for name, value in _ACTIONS.items()}
+
+
+def _action(request: Mapping[str, Any]) -> int | None:
+    """``request["action"]``: an action name (``gpu_reset``), its number, or null (the
+    driver reports no recovery actions)."""
+    if "action" not in request:
+        raise _BadRequest('op "recovery-action" needs "action" (e.g. "gpu_reset", "none", '
+                          'or null for a driver that does not report one)')
+    value = request["action"]
+    if value is None:
+        return None
+    if isinstance(value, str) and value.lower() in _ACTIONS:
+        return int(_ACTIONS[value.lower()])
+    if isinstance(value, int) and not isinstance(value, bool) and value in _ACTION_NAMES:
+        return value
+    raise _BadRequest(f'"action" must be one of {", ".join(sorted(_ACTIONS))} (or its number, '
+                      f"or null), got {_quote(value)}")
+
+
 def _unknown_gpu(exc: KeyError) -> _BadRequest:
     # KeyError's str() is the repr of its argument; the target's message is the argument.
     return _BadRequest(str(exc.args[0]) if exc.args else "unknown GPU")
@@ -339,16 +377,33 @@ class _Server:
             elif op == "unhang":
                 target.unhang(gpu)
                 done = f"{label} answers NVML calls again"
+            elif op == "recovery-action":
+                action = _action(request)
+                target.set_recovery_action(gpu, action)
+                done = (f"{label}'s driver no longer reports recovery actions" if action is None
+                        else f"{label}'s driver asks for {_ACTION_NAMES.get(action, action)}")
+            elif op == "ecc-errors":
+                count = _natural(request, "count")
+                if count is None:
+                    raise _BadRequest('op "ecc-errors" needs "count" (how many errors)')
+                corrected = bool(_flag(request, "corrected"))
+                target.add_ecc_errors(gpu, count, corrected=corrected)
+                done = (f"added {count} {'corrected' if corrected else 'uncorrectable'} ECC "
+                        f"error(s) on {label}")
             else:
                 assert op == "pending", op
                 retired_pages = _flag(request, "retired_pages")
                 row_remap = _flag(request, "row_remap")
-                if retired_pages is None and row_remap is None:
-                    raise _BadRequest('op "pending" needs "retired_pages" or "row_remap" (or both)')
-                target.set_pending(gpu, retired_pages=retired_pages, row_remap=row_remap)
+                row_remap_failed = _flag(request, "row_remap_failed")
+                if retired_pages is None and row_remap is None and row_remap_failed is None:
+                    raise _BadRequest('op "pending" needs "retired_pages", "row_remap" or '
+                                      '"row_remap_failed"')
+                target.set_pending(gpu, retired_pages=retired_pages, row_remap=row_remap,
+                                   row_remap_failed=row_remap_failed)
                 flags = ", ".join(
                     f"{name}={json.dumps(value)}"
-                    for name, value in (("retired_pages", retired_pages), ("row_remap", row_remap))
+                    for name, value in (("retired_pages", retired_pages), ("row_remap", row_remap),
+                                        ("row_remap_failed", row_remap_failed))
                     if value is not None
                 )
                 done = f"set pending {flags} on {label}"
@@ -435,7 +490,7 @@ def _answer_bytes(answer: Mapping[str, Any]) -> bytes:
     return json.dumps(answer).encode() + b"\n"
 
 
-def _bind(path: str) -> tuple[socket.socket, tuple[int, int]]:
+def _bind(path: str) -> tuple[socket.socket, Identity]:
     """A listening Unix socket at ``path``, mode 0600, replacing a stale socket file; and
     the identity of its file, to remove it on exit only if it is still ours."""
     if len(os.fsencode(path)) > _MAX_UNIX_PATH:
@@ -464,7 +519,7 @@ def _bind(path: str) -> tuple[socket.socket, tuple[int, int]]:
         # the umask's wider mode in between.
         os.chmod(path, 0o600)
         sock.listen(_LISTEN_BACKLOG)
-        return sock, _identity(path)
+        return sock, identity_of(path)
     except BaseException:
         sock.close()
         raise
@@ -508,18 +563,15 @@ async def serve_control(
             task_status.started()
     finally:
         # Removed before closing, so nobody connects to a socket about to stop listening.
-        try:
-            if _identity(path) == identity:
+        # By device, inode and change time: ext4 hands a successor's socket our freed
+        # inode number at once (see _watch), so the inode alone could name its file.
+        if identity is not None and identity_of(path) == identity:
+            try:
                 os.unlink(path)
-        except FileNotFoundError:
-            pass
+            except FileNotFoundError:
+                pass
         sock.close()
     raise AssertionError("trio.serve_listeners returned")  # pragma: no cover
-
-
-def _identity(path: str) -> tuple[int, int]:
-    st = os.lstat(path)
-    return st.st_dev, st.st_ino
 
 
 # --- clients ---------------------------------------------------------------------------
@@ -622,6 +674,11 @@ def request_from_args(
     ci: int | None,
     retired_pages: bool | None,
     row_remap: bool | None,
+    *,
+    row_remap_failed: bool | None = None,
+    action: str | None = None,
+    count: int | None = None,
+    corrected: bool | None = None,
 ) -> dict[str, Any]:
     """The request ``trio-gpu-plugin inject`` sends for its arguments.
 
@@ -637,7 +694,14 @@ def request_from_args(
         ("ci", ci),
         ("retired_pages", retired_pages),
         ("row_remap", row_remap),
+        ("row_remap_failed", row_remap_failed),
+        ("count", count),
+        ("corrected", corrected),
     ):
         if value is not None:
             request[key] = value
+    if action is not None:
+        # "null" asks for a driver that reports no recovery actions; digits are a number.
+        request["action"] = None if action == "null" else (
+            int(action) if _DIGITS.fullmatch(action) else action)
     return request

@@ -27,7 +27,13 @@ from collections.abc import Iterable, Mapping
 from typing import Final
 
 from ._node_model import GpuInfo, MigInfo, NodeModel
-from ._nvml import EVENT_DOUBLE_BIT_ECC, EVENT_GPU_UNAVAILABLE, EVENT_XID, NO_INSTANCE
+from ._nvml import (
+    EVENT_DOUBLE_BIT_ECC,
+    EVENT_GPU_UNAVAILABLE,
+    EVENT_RECOVERY_ACTION,
+    EVENT_XID,
+    NO_INSTANCE,
+)
 
 __all__ = [
     "DISABLE_VAR",
@@ -150,6 +156,15 @@ class HealthChecks:
         return self.enable_all or bool(self.enabled) or not (self.disable_all or self.disable_xids)
 
     @property
+    def checks_recovery_action(self) -> bool:
+        """Whether the driver's recovery action (``NVML_FI_DEV_GET_GPU_RECOVERY_ACTION``,
+        its verdict on XIDs per NVIDIA's XID catalog) marks a GPU unhealthy.  It goes
+        with the default XID checks: ``DP_DISABLE_HEALTHCHECKS=xids`` or ``all`` turns it
+        off (and ``all`` plus named XIDs watches exactly those XIDs), unless
+        ``DP_ENABLE_HEALTHCHECKS=all``."""
+        return self.enable_all or not (self.disable_all or self.disable_xids)
+
+    @property
     def checks_dbe(self) -> bool:
         """Whether double-bit ECC events mark a GPU unhealthy."""
         return self.enable_all or not self.disable_all
@@ -178,6 +193,8 @@ class HealthChecks:
         mask = 0
         if self.checks_xids:
             mask |= EVENT_XID
+        if self.checks_recovery_action:
+            mask |= EVENT_RECOVERY_ACTION
         if self.checks_dbe:
             mask |= EVENT_DOUBLE_BIT_ECC
         if self.checks_lost:
@@ -210,6 +227,8 @@ class HealthChecks:
         else:
             excluded = (IGNORED_XIDS | self.disabled) - self.enabled
             checks.append(f"XIDs except {_numbers(excluded)}" if excluded else "all XIDs")
+        if self.checks_recovery_action:
+            checks.append("driver recovery action")
         if self.checks_dbe:
             checks.append("double-bit ECC")
         if self.checks_lost:

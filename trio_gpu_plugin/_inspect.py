@@ -108,6 +108,6 @@ async def inspect_node(node: NvmlNode, setup: NodeSetup, settle: float = 0.3) ->
         await trio.sleep(settle)
         model = await node.wait_model()
         data = report(model, setup.plan(model), node.healthy,
-                      node.tracker.unhealthy_units(), Topology.from_model(model))
+                      node.reasons(), Topology.from_model(model))
         nursery.cancel_scope.cancel()
     return data

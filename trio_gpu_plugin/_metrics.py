@@ -313,6 +313,12 @@ class Metrics(Observer):
             registry=r)
         self._nvml_up = Gauge(
             "trio_gpu_plugin_nvml_up", "1 when NVML answers, 0 otherwise.", registry=r)
+        self._recovery_actions = Gauge(
+            "trio_gpu_plugin_gpu_recovery_action",
+            "The recovery action the driver asks for, per GPU (1 on the series of the "
+            "current action; only where the driver reports NVML_FI_DEV_GET_GPU_RECOVERY_ACTION).",
+            ["gpu", "action"], registry=r)
+        self._action_of: dict[str, str] = {}
         for to in ("healthy", "unhealthy"):
             self._health_transitions.labels(to=to)
 
@@ -345,6 +351,14 @@ class Metrics(Observer):
         """
         del unit, reason
         self._health_transitions.labels(to="healthy" if healthy else "unhealthy").inc()
+
+    def recovery_action(self, gpu: str, action: str) -> None:
+        """Show GPU ``gpu``'s current recovery action (one series per GPU)."""
+        previous = self._action_of.get(gpu)
+        if previous is not None and previous != action:
+            self._recovery_actions.remove(gpu, previous)
+        self._action_of[gpu] = action
+        self._recovery_actions.labels(gpu=gpu, action=action).set(1)
 
     def set_devices(self, resource: str, healthy: int, unhealthy: int) -> None:
         """Set how many devices of ``resource`` are advertised healthy and unhealthy."""

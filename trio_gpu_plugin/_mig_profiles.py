@@ -36,6 +36,7 @@ __all__ = [
     "GI_PROFILE_SLICES",
     "GiProfileInfoLike",
     "MigDeviceAttributesLike",
+    "format_profile",
     "match_gi_profile",
     "memory_gb",
     "profile_from_nvml_name",
@@ -167,8 +168,12 @@ def profile_name(gi_index: int, ci_index: int, memory_mb: int, total_bytes: int)
     if c is None:
         raise ValueError(f"unknown compute instance profile index {ci_index!r} "
                          f"(known: {sorted(CI_PROFILE_SLICES)})")
-    gb = memory_gb(memory_mb, total_bytes)
-    suffix = GI_PROFILE_ATTRIBUTE[gi_index]
+    return format_profile(c, g, memory_gb(memory_mb, total_bytes), GI_PROFILE_ATTRIBUTE[gi_index])
+
+
+def format_profile(c: int, g: int, gb: int, suffix: str = "") -> str:
+    """go-nvlib's ``MigProfileInfo.String``: ``<G>g.<GB>gb<suffix>`` when the compute
+    instance spans the GPU instance (``c == g``), else ``<C>c.<G>g.<GB>gb<suffix>``."""
     return f"{g}g.{gb}gb{suffix}" if c == g else f"{c}c.{g}g.{gb}gb{suffix}"
 
 

@@ -18,6 +18,73 @@ real library.
 Node descriptions come from :data:`PRESETS` or from YAML/JSON files
 (:func:`load_node_file`); :meth:`SimulatedNVML.write_driver_root` lays out the files a
 driver root holds (``/dev/nvidia*``, sysfs NUMA nodes, MIG capability minors).
+
+Where each modelled behaviour comes from
+-----------------------------------------
+A simulator written beside the code agrees with the code by construction, so each
+behaviour here names its source.  "NVML API" is NVIDIA's NVML API reference (the call's
+documented returns and notes); "pynvml" is nvidia-ml-py 13.615.71's source; "H100 run" is
+``bench/real_nvml.py`` on an H100 80GB, driver 580.159.04 (``bench/results/real_nvml-h100.txt``).
+
+=========================================================  ==========================================
+Behaviour                                                  Source
+=========================================================  ==========================================
+``nvmlInit``/``nvmlShutdown`` reference-counted; calls     NVML API (nvmlInit_v2, nvmlShutdown)
+before init raise UNINITIALIZED
+No library: LIBRARY_NOT_FOUND from ``nvmlInit``            pynvml (NVMLError_LibraryNotFound)
+Errors are pynvml's own ``NVMLError_*`` classes            pynvml
+``busId`` as undecoded bytes in structures                 pynvml (char arrays left as bytes)
+Memory, minor, bus ID, name, CUDA capability of a GPU      H100 run (equal to ``nvidia-smi -q -x``)
+NUMA from sysfs; -1 means unknown                          NVIDIA's plugin (GetNumaNode); H100 run
+                                                           (a VM: -1)
+Supported events 0xff9f on Hopper                          H100 run (our default mask is narrower)
+Page retirement before Ampere, row remapping on Ampere+,   NVML API; H100 run (retirement
+each NOT_SUPPORTED for the other                           NOT_SUPPORTED, remapping readable)
+``nvmlDeviceGetRemappedRows``: (corr, unc, pending,        NVML API
+failure); a failed remap is permanent, a reset clears
+only the pending flag
+ECC counts: volatile ones reset with the GPU, aggregate    NVML API (nvmlDeviceGetTotalEccErrors,
+ones persist                                               nvmlEccCounterType_t)
+Event data names the GPU handle, never a MIG handle;       NVML API (nvmlEventData_t); pynvml
+GI/CI 0xFFFFFFFF for whole-GPU events
+Wait timeout raises TIMEOUT; a wait on a set with a lost   NVML API (nvmlEventSetWait_v2 returns);
+GPU raises GPU_IS_LOST (every wait, after queued events)   repeating on every wait is assumed (the
+                                                           harder case), not documented
+A lost GPU: XID 79, then GPU_IS_LOST from every call       NVML API (GPU_IS_LOST); nvidia-smi's
+naming it, its handle by index or UUID included            "Unable to determine the device handle
+                                                           ... GPU is lost" on real nodes
+Per-call failures (:meth:`SimulatedNVML.fail`)             NVML API lists GPU_IS_LOST/UNKNOWN for
+                                                           each query; which fail on a dying GPU
+                                                           varies and is injected, not modelled
+A hung GPU blocks every call naming it; a call that        assumed from wedged-GPU reports; the
+returns after teardown sees UNINITIALIZED                  teardown count is ours
+MIG: NOT_FOUND for an empty slot, INVALID_ARGUMENT past    NVML API
+the last; GI IDs as the driver's swizzle IDs               NVIDIA MIG user guide (``-lgi`` output)
+MIG device name ``<GPU name> MIG <profile>``               NVML API (nvmlDeviceGetName on MIG)
+MIG without privilege: a parent's memory info and the      NVML API ("only if the caller has
+GPU/compute instance lookups answer NO_PERMISSION; MIG     appropriate privileges", "Requires
+handles, attributes and profile tables answer              privileged user")
+Profile tables per part                                    ``_sim_models`` (each table's source)
+Profile info ``name`` is NVML's (``MIG 3g.71gb``)          NVIDIA's published tables, which are
+                                                           ``nvidia-smi mig -lgip`` output
+NVLink: NOT_SUPPORTED without NVLink; link numbers that    NVML API; holes: assumed from parts whose
+answer NOT_SUPPORTED before active ones                    link numbering is sparse
+``nvmlDeviceGetFieldValues``: the call succeeds and a      NVML API (nvmlFieldValue_t.nvmlReturn);
+field the driver cannot give says NOT_SUPPORTED in its     pynvml (field 230, action values)
+own ``nvmlReturn``; field 230 = the recovery action
+A recovery-action change raises event 0x8000 with the      pynvml names the event type; the event
+action as data; a reset sets the action back to NONE       data and the reset are assumed
+mig-minors file layout and ``/dev/nvidia-caps`` minors     the kernel module's
+                                                           /proc/driver/nvidia-caps/mig-minors
+=========================================================  ==========================================
+
+Not modelled (a real node may do it; tests here cannot show our code copes): GPU indexes
+renumbered when a GPU is unbound or drained (NVML's enumeration order is not guaranteed);
+NVLink error counters and link state changes; XID-specific driver behaviour beyond the
+recovery-action field (e.g. which calls fail after which XID); vGPU and confidential
+computing; persistence mode and driver reload timing; clocks, power, temperature and
+utilisation; the real latencies of calls and event waits; ``nvmlDeviceGetMemoryInfo_v2``
+and BAR1 memory; field IDs other than 230.
 """
 
 from __future__ import annotations
@@ -38,12 +105,18 @@ from typing import Any, Final, NoReturn
 
 import pynvml
 
-from ._nvml import EVENT_DOUBLE_BIT_ECC, EVENT_XID, NO_INSTANCE, text
+from ._nvml import (
+    EVENT_DOUBLE_BIT_ECC,
+    EVENT_RECOVERY_ACTION,
+    EVENT_XID,
+    FIELD_RECOVERY_ACTION,
+    NO_INSTANCE,
+    text,
+)
 from ._sim_models import (
     CI_PROFILE_SLICES,
     COMPUTE_SLICES,
     KNOWN_MODELS,
-    MEMORY_SLICES,
     MODELS,
     GiProfile,
     GpuModel,
@@ -58,6 +131,7 @@ __all__ = [
     "SimComputeInstanceProfileInfo",
     "SimDeviceAttributes",
     "SimEventData",
+    "SimFieldValue",
     "SimGpuInstanceInfo",
     "SimGpuInstanceProfileInfo",
     "SimGpuSpec",
@@ -119,6 +193,51 @@ class SimEventData:
     eventData: int
     gpuInstanceId: int
     computeInstanceId: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SimValue:
+    """``nvmlValue_t`` (a union): every member reads the same number here."""
+
+    uiVal: int = 0
+
+    @property
+    def ulVal(self) -> int:
+        return self.uiVal
+
+    @property
+    def ullVal(self) -> int:
+        return self.uiVal
+
+    @property
+    def sllVal(self) -> int:
+        return self.uiVal
+
+    @property
+    def siVal(self) -> int:
+        return self.uiVal
+
+    @property
+    def usVal(self) -> int:
+        return self.uiVal & 0xFFFF
+
+    @property
+    def dVal(self) -> float:
+        return float(self.uiVal)
+
+
+@dataclasses.dataclass(frozen=True)
+class SimFieldValue:
+    """``nvmlFieldValue_t``: one answer of ``nvmlDeviceGetFieldValues``; ``nvmlReturn``
+    says whether this field could be read."""
+
+    fieldId: int
+    scopeId: int
+    timestamp: int
+    latencyUsec: int
+    valueType: int
+    nvmlReturn: int
+    value: SimValue
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +344,12 @@ class SimGpuSpec:
         pcie_switch: GPUs sharing a value sit behind one PCIe switch.
         mig: ``None``: MIG mode off; a tuple (maybe empty): MIG on, with these devices
             as profile names (``1g.5gb``, ``1g.5gb+me``, ``1c.2g.10gb``...).
-        supported_events: ``nvmlDeviceGetSupportedEventTypes``'s bit mask.
+        supported_events: ``nvmlDeviceGetSupportedEventTypes``'s bit mask (a GPU
+            whose driver reports recovery actions also lists 0x8000).
+        nvlink_unsupported: link numbers whose NVLink queries answer NOT_SUPPORTED;
+            active links are numbered after them (real parts have such holes).
+        recovery_action: the driver's ``NVML_FI_DEV_GET_GPU_RECOVERY_ACTION`` to start
+            with (0 = NONE); ``None``: a driver that does not report the field.
     """
 
     name: str = "NVIDIA A100-SXM4-40GB"
@@ -240,10 +364,13 @@ class SimGpuSpec:
     pcie_switch: int | None = None
     mig: tuple[str, ...] | None = None
     supported_events: int = _DEFAULT_EVENTS
+    nvlink_unsupported: tuple[int, ...] = ()
+    recovery_action: int | None = None
 
     def __post_init__(self) -> None:
         # Copies, so a caller's dict or list mutated later cannot change a frozen spec.
         object.__setattr__(self, "nvlinks", dict(self.nvlinks))
+        object.__setattr__(self, "nvlink_unsupported", tuple(self.nvlink_unsupported))
         if self.mig is not None:
             object.__setattr__(self, "mig", tuple(self.mig))
         if self.compute_capability is not None:
@@ -316,11 +443,13 @@ class _Gpu:
     numa_node: int | None
     pcie_switch: int | None
     links: tuple[int | None, ...]  # per active NVLink: peer GPU index, None for an NVSwitch
+    unsupported_links: frozenset[int]  # link numbers that answer NOT_SUPPORTED
     nvlink_capable: bool
     nvswitches: int
     supported_events: int
     pci_device_id: int
     mig_profiles: tuple[GiProfile, ...]  # empty: not MIG-capable
+    max_migs: int  # MIG devices the part holds at most (its compute slices)
     mig_enabled: bool
     migs: tuple[_Mig, ...]
     # Mutable state, under SimulatedNVML's lock.
@@ -329,6 +458,24 @@ class _Gpu:
     retired_pages_pending: bool = False
     remap_pending: bool = False
     remapped_uncorrectable: int = 0
+    remap_failed: bool = False  # permanent: a reset does not clear it
+    # ECC counts: (uncorrected?, volatile?) -> errors.  Volatile ones reset with the GPU.
+    ecc: dict[tuple[bool, bool], int] = dataclasses.field(default_factory=dict)
+    recovery_action: int | None = None  # None: the driver does not report the field
+    # NVML method name -> NVML_ERROR_* it fails with for this GPU (see fail()).
+    failures: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def link_number(self, nth: int) -> int:
+        """The link number of the ``nth`` active link (counting past unsupported ones)."""
+        numbers = [n for n in range(pynvml.NVML_NVLINK_MAX_LINKS) if n not in self.unsupported_links]
+        return numbers[nth]
+
+    def active_link(self, link: int) -> int | None:
+        """Which active link (0, 1, ...) link number ``link`` is, ``None`` if none."""
+        if link in self.unsupported_links:
+            return None
+        nth = link - sum(1 for n in self.unsupported_links if n < link)
+        return nth if nth < len(self.links) else None
 
     @property
     def row_remapping(self) -> bool:
@@ -380,19 +527,21 @@ def _parse_mig(model: GpuModel, spec: str) -> tuple[GiProfile, int] | None:
     return gi, ci_slices
 
 
-def _placements(gi: GiProfile) -> list[int]:
+def _placements(model: GpuModel, gi: GiProfile) -> list[int]:
     """Memory-slice starts a GI of this profile may take: aligned to its memory size, with
-    its compute slices inside the 7 there are (so no 2g at slice 6, no 1g at slice 7)."""
-    return [s for s in range(0, MEMORY_SLICES, gi.memory_slices) if s + gi.slices <= COMPUTE_SLICES]
+    its compute slices inside the part's (on A100: no 2g at slice 6, no 1g at slice 7)."""
+    return [s for s in range(0, model.memory_slices, gi.memory_slices)
+            if s + gi.slices <= model.compute_slices]
 
 
-def _gi_id(gi: GiProfile, start: int) -> int:
-    """The driver's GPU instance ID: the swizzle ID of the memory slices it occupies
-    (0: all 8; 1-2: halves; 3-6: quarters; 7-14: eighths)."""
-    return {8: 0, 4: 1 + start // 4, 2: 3 + start // 2, 1: 7 + start}[gi.memory_slices]
+def _gi_id(model: GpuModel, gi: GiProfile, start: int) -> int:
+    """The driver's GPU instance ID: the swizzle ID of the memory slices it occupies (on
+    A100: 0 all 8; 1-2 halves; 3-6 quarters; 7-14 eighths; A30 alike over 4)."""
+    size = gi.memory_slices
+    return model.memory_slices // size - 1 + start // size
 
 
-def _place(profiles: list[GiProfile]) -> list[int] | None:
+def _place(model: GpuModel, profiles: list[GiProfile]) -> list[int] | None:
     """A start for each GI with no two sharing a compute or memory slice, or ``None``.
 
     The description is the final state, not a creation order (order matters on real
@@ -404,7 +553,7 @@ def _place(profiles: list[GiProfile]) -> list[int] | None:
         if i == len(profiles):
             return True
         gi = profiles[i]
-        for start in _placements(gi):
+        for start in _placements(model, gi):
             c = ((1 << gi.slices) - 1) << start
             m = ((1 << gi.memory_slices) - 1) << start
             if not (c & compute or m & memory):
@@ -437,16 +586,16 @@ def _resolve_mig(node: SimNodeSpec, i: int, spec: SimGpuSpec, model: GpuModel | 
         if count > gi.instances:
             raise _SpecError(f"{key}.mig", f"at most {gi.instances} × {gi.name} fit on "
                                            f"{spec.name}, not {count}")
-    starts = _place([gi for gi, _ in parsed])
+    starts = _place(model, [gi for gi, _ in parsed])
     if starts is None:
         raise _SpecError(f"{key}.mig", f"{list(spec.mig)} do not fit on one {spec.name} "
-                                       f"({COMPUTE_SLICES} compute slices, "
-                                       f"{MEMORY_SLICES} memory slices)")
+                                       f"({model.compute_slices} compute slices, "
+                                       f"{model.memory_slices} memory slices)")
     migs = []
     for slot, ((gi, ci_slices), start, text_) in enumerate(zip(parsed, starts, spec.mig)):
         mig_uuid = f"MIG-{uuidlib.uuid5(_UUID_NAMESPACE, f'{node.name}/{i}/mig{slot}')}"
         # One CI per GI, so every CI ID is 0, as the driver's first CI in a GI gets.
-        migs.append(_Mig(slot, mig_uuid, text_, gi, ci_slices, _gi_id(gi, start), 0, start))
+        migs.append(_Mig(slot, mig_uuid, text_, gi, ci_slices, _gi_id(model, gi, start), 0, start))
     return tuple(migs)
 
 
@@ -542,16 +691,35 @@ def _resolve(node: SimNodeSpec) -> tuple[list[_Gpu], list[str]]:
                 f"{spec.name} has {max_links} NVLinks")
             raise _SpecError(f"{key}.{what}", f"{len(links)} active links, but {has}")
 
+        unsupported = spec.nvlink_unsupported
+        if (not all(_is_int(n) and 0 <= n < pynvml.NVML_NVLINK_MAX_LINKS for n in unsupported)
+                or len(set(unsupported)) != len(unsupported)):
+            raise _SpecError(f"{key}.nvlink_unsupported", "must be distinct link numbers "
+                                                          f"0..{pynvml.NVML_NVLINK_MAX_LINKS - 1}")
+        if len(links) + len(unsupported) > pynvml.NVML_NVLINK_MAX_LINKS:
+            raise _SpecError(f"{key}.nvlink_unsupported", f"{len(links)} active links do not fit "
+                                                          f"beside {len(unsupported)} unsupported "
+                                                          f"link numbers")
+        action = spec.recovery_action
+        if action is not None and (not _is_int(action) or not 0 <= action < 2**32):
+            raise _SpecError(f"{key}.recovery_action", "must be an NVML_GPU_RECOVERY_ACTION_* "
+                                                       f"value (0 = NONE) or None, not {action!r}")
+        events = spec.supported_events
+        if action is not None:
+            events |= EVENT_RECOVERY_ACTION  # drivers that report the field also signal it
+
         migs = _resolve_mig(node, i, spec, model, key)
         gpus.append(_Gpu(
             index=i, name=spec.name, uuid=gpu_uuid, memory_mib=memory,
             compute_capability=(cc[0], cc[1]), bus_id=bus_id, minor=minor,
             numa_node=spec.numa_node, pcie_switch=spec.pcie_switch, links=tuple(links),
+            unsupported_links=frozenset(unsupported), recovery_action=action,
             nvlink_capable=bool(links) or (model is not None and model.nvlinks > 0),
             nvswitches=(model.nvswitches if model is not None and model.nvswitches else 6),
-            supported_events=spec.supported_events,
+            supported_events=events,
             pci_device_id=model.pci_device_id if model is not None else 0x000010DE,
             mig_profiles=model.mig if model is not None else (),
+            max_migs=model.compute_slices if model is not None else COMPUTE_SLICES,
             mig_enabled=spec.mig is not None, migs=migs))
         for mig in migs:
             uuids[mig.uuid] = i
@@ -622,7 +790,7 @@ PRESETS: Final[dict[str, SimNodeSpec]] = _presets()
 _NODE_KEYS: Final = ("name", "driver_version", "gpus")
 _GPU_KEYS: Final = ("model", "uuid", "memory_mib", "compute_capability", "pci_bus_id",
                     "numa_node", "minor", "nvlinks", "nvswitch_links", "pcie_switch", "mig",
-                    "supported_events")
+                    "supported_events", "nvlink_unsupported", "recovery_action")
 
 
 class _Reader:
@@ -700,6 +868,15 @@ class _Reader:
             fields["nvlinks"] = self.nvlinks(raw["nvlinks"], f"{key}.nvlinks")
         if "mig" in raw:
             fields["mig"] = self.mig(raw["mig"], f"{key}.mig")
+        if "nvlink_unsupported" in raw:
+            links = raw["nvlink_unsupported"]
+            if not isinstance(links, list):
+                self.fail(f"{key}.nvlink_unsupported", f"must be a list of link numbers; got {_kind(links)}")
+            fields["nvlink_unsupported"] = tuple(
+                self.integer(n, f"{key}.nvlink_unsupported[{j}]") for j, n in enumerate(links))
+        if "recovery_action" in raw:
+            fields["recovery_action"] = self.optional_integer(
+                raw["recovery_action"], f"{key}.recovery_action")
         return SimGpuSpec(**fields)
 
     def compute_capability(self, value: object, key: str) -> tuple[int, int]:
@@ -903,8 +1080,13 @@ class SimulatedNVML:
     number of calls).
     """
 
-    def __init__(self, node: SimNodeSpec, *, init_error: int | None = None) -> None:
+    def __init__(self, node: SimNodeSpec, *, init_error: int | None = None,
+                 privileged: bool = False) -> None:
         self.node = node
+        self._privileged = privileged
+        self._shutdown_under_live_call = 0
+        self._in_calls = 0  # threads inside a call that released the lock (hung, waiting)
+        self._current = ""  # the NVML method being served (lock held)
         self._gpus, self._nvswitch_buses = _resolve(node)
         self._cond = threading.Condition(threading.Lock())
         self._init_count = 0
@@ -948,6 +1130,28 @@ class SimulatedNVML:
             return self._waiting
 
     @property
+    def shutdown_under_live_call(self) -> int:
+        """``nvmlShutdown`` calls that dropped the last reference while a thread was
+        still inside a call (blocked on a hung GPU, or waiting for events): in real NVML
+        that frees what the call is using.  Our code must never do it."""
+        with self._cond:
+            return self._shutdown_under_live_call
+
+    @property
+    def privileged(self) -> bool:
+        """Whether calls come from a privileged caller (see :meth:`set_privileged`)."""
+        with self._cond:
+            return self._privileged
+
+    def set_privileged(self, privileged: bool) -> None:
+        """Privileged (root with SYS_ADMIN, or the MIG monitor capability that
+        ``NVIDIA_MIG_MONITOR_DEVICES=all`` gives) or not (the default, as a pod without
+        them): unprivileged, a MIG-enabled GPU's aggregate memory and the GPU/compute
+        instance lookups answer NO_PERMISSION (NVML API reference)."""
+        with self._cond:
+            self._privileged = privileged
+
+    @property
     def blocked(self) -> int:
         """Threads blocked now in a call on a hung GPU (see :meth:`hang`)."""
         with self._cond:
@@ -962,15 +1166,31 @@ class SimulatedNVML:
         if not gpu.hung:
             return
         self._blocked += 1
+        self._in_calls += 1
         try:
             while gpu.hung:
                 self._cond.wait()
         finally:
             self._blocked -= 1
+            self._in_calls -= 1
+        if self._init_count == 0:
+            # Torn down while this call was inside: it comes back to nothing.
+            raise _error(pynvml.NVML_ERROR_UNINITIALIZED)
+
+    def _check_failure(self, gpu: _Gpu, name: str) -> None:
+        """Fail a call injected to fail for this GPU (see :meth:`fail`)."""
+        code = gpu.failures.get(name)
+        if code is not None:
+            raise _error(code)
+
+    def _refuse_unprivileged(self) -> None:
+        if not self._privileged:
+            raise _error(pynvml.NVML_ERROR_NO_PERMISSION)
 
     def _enter(self, name: str) -> None:
         """Count a call and fail it as NVML would when the library is unusable."""
         self.calls[name] += 1
+        self._current = name
         if self._init_count == 0:
             raise _error(pynvml.NVML_ERROR_UNINITIALIZED)
         if self._down:
@@ -978,10 +1198,12 @@ class SimulatedNVML:
 
     def _device(self, handle: object) -> tuple[_Gpu, _Mig | None]:
         if isinstance(handle, (_GpuHandle, _MigHandle)) and handle.owner is self:
+            name = self._current
             gpu = self._gpus[handle.index]
             self._block_while_hung(gpu)
             if gpu.lost:
                 raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)
+            self._check_failure(gpu, name)
             return gpu, gpu.migs[handle.slot] if isinstance(handle, _MigHandle) else None
         raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
 
@@ -1042,6 +1264,8 @@ class SimulatedNVML:
             if self._init_count == 0:
                 raise _error(pynvml.NVML_ERROR_UNINITIALIZED)
             self._init_count -= 1
+            if self._init_count == 0 and (self._in_calls or self._waiting):
+                self._shutdown_under_live_call += 1
             self._cond.notify_all()  # waiters on a now-uninitialised library must wake
             if self._down:
                 raise _error(pynvml.NVML_ERROR_UNKNOWN)
@@ -1069,6 +1293,7 @@ class SimulatedNVML:
             self._block_while_hung(self._gpus[index])
             if self._gpus[index].lost:
                 raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)
+            self._check_failure(self._gpus[index], "nvmlDeviceGetHandleByIndex")
             return self._handles[index]
 
     def nvmlDeviceGetHandleByUUID(self, uuid: str) -> Any:
@@ -1087,6 +1312,7 @@ class SimulatedNVML:
                     self._block_while_hung(gpu)
                     if gpu.lost:
                         raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)
+                    self._check_failure(gpu, "nvmlDeviceGetHandleByUUID")
                     return found
             raise _error(pynvml.NVML_ERROR_NOT_FOUND)
 
@@ -1121,6 +1347,10 @@ class SimulatedNVML:
         with self._cond:
             self._enter("nvmlDeviceGetMemoryInfo")
             gpu, mig = self._device(handle)
+            if mig is None and gpu.mig_enabled:
+                # NVML API reference: in MIG mode a GPU handle's aggregate is given only
+                # to a caller with appropriate privileges; MIG handles give their own.
+                self._refuse_unprivileged()
             total = (mig.gi.memory_mb if mig is not None else gpu.memory_mib) * _MIB
             return SimMemoryInfo(total=total, free=total, used=0)
 
@@ -1139,7 +1369,8 @@ class SimulatedNVML:
 
     def nvmlDeviceGetNvLinkState(self, handle: Any, link: int) -> int:
         """1 for an active link, 0 for an inactive one (links 0..NVML_NVLINK_MAX_LINKS-1);
-        ``NotSupported`` on GPUs without NVLink."""
+        ``NotSupported`` on GPUs without NVLink and for the spec's ``nvlink_unsupported``
+        link numbers (which may come before active ones)."""
         with self._cond:
             self._enter("nvmlDeviceGetNvLinkState")
             gpu = self._gpu(handle)
@@ -1147,7 +1378,9 @@ class SimulatedNVML:
                 raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
             if not _is_int(link) or not 0 <= link < pynvml.NVML_NVLINK_MAX_LINKS:
                 raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-            return 1 if link < len(gpu.links) else 0
+            if link in gpu.unsupported_links:
+                raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            return 1 if gpu.active_link(link) is not None else 0
 
     def nvmlDeviceGetNvLinkRemotePciInfo(self, handle: Any, link: int) -> Any:
         """The PCI information of what an active link ends at: the peer GPU, or an
@@ -1159,14 +1392,15 @@ class SimulatedNVML:
                 raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
             if not _is_int(link) or not 0 <= link < pynvml.NVML_NVLINK_MAX_LINKS:
                 raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-            if link >= len(gpu.links):
+            nth_link = gpu.active_link(link)
+            if nth_link is None:
                 raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
-            peer = gpu.links[link]
+            peer = gpu.links[nth_link]
             if peer is not None:
                 other = self._gpus[peer]
                 return self._pci(other.bus_id, other.pci_device_id)
             # Spread switch links over the baseboard's NVSwitches, as HGX boards wire them.
-            nth = link - gpu.links.index(None)
+            nth = nth_link - gpu.links.index(None)
             return self._pci(self._nvswitch_buses[nth % gpu.nvswitches], 0x1AF110DE)
 
     def nvmlDeviceGetTopologyCommonAncestor(self, handle1: Any, handle2: Any) -> int:
@@ -1199,7 +1433,8 @@ class SimulatedNVML:
         """7 with MIG on; 0 when MIG is off or unsupported (NVML's documented answer)."""
         with self._cond:
             self._enter("nvmlDeviceGetMaxMigDeviceCount")
-            return COMPUTE_SLICES if self._gpu(handle).mig_enabled else 0
+            gpu = self._gpu(handle)
+            return gpu.max_migs if gpu.mig_enabled else 0
 
     def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: Any, index: int) -> Any:
         """The MIG device in a slot: ``NotFound`` for an empty slot below the maximum,
@@ -1209,7 +1444,7 @@ class SimulatedNVML:
             gpu = self._gpu(handle)
             if not gpu.mig_profiles:
                 raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
-            limit = COMPUTE_SLICES if gpu.mig_enabled else 0
+            limit = gpu.max_migs if gpu.mig_enabled else 0
             if not _is_int(index) or not 0 <= index < limit:
                 raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
             if index >= len(gpu.migs):
@@ -1262,6 +1497,7 @@ class SimulatedNVML:
             gpu = self._gpu(handle)
             if not gpu.mig_enabled:
                 raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            self._refuse_unprivileged()  # NVML API reference: "Requires privileged user"
             for mig in gpu.migs:
                 if mig.gi_id == gpu_instance_id:
                     return _GpuInstance(self, gpu.index, mig.slot)
@@ -1299,6 +1535,7 @@ class SimulatedNVML:
         with self._cond:
             self._enter("nvmlGpuInstanceGetComputeInstanceById")
             gpu, mig = self._instance(gpu_instance, _GpuInstance)
+            self._refuse_unprivileged()  # NVML API reference: "Requires privileged user"
             if compute_instance_id != mig.ci_id:
                 raise _error(pynvml.NVML_ERROR_NOT_FOUND)
             return _ComputeInstance(self, gpu.index, mig.slot)
@@ -1382,6 +1619,11 @@ class SimulatedNVML:
                         raise _error(pynvml.NVML_ERROR_UNKNOWN)
                     if events.queue:
                         return events.queue.popleft()
+                    if any(self._gpus[i].lost for i in events.registered):
+                        # NVML API reference: the wait returns GPU_IS_LOST when a GPU on the
+                        # set has fallen off the bus, without saying which.  How often a
+                        # real driver repeats it is not documented: every wait here.
+                        raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise _error(pynvml.NVML_ERROR_TIMEOUT)
@@ -1429,7 +1671,45 @@ class SimulatedNVML:
             gpu = self._gpu(handle)
             if not gpu.row_remapping:
                 raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
-            return (0, gpu.remapped_uncorrectable, int(gpu.remap_pending), 0)
+            return (0, gpu.remapped_uncorrectable, int(gpu.remap_pending), int(gpu.remap_failed))
+
+    def nvmlDeviceGetTotalEccErrors(self, handle: Any, errorType: int, counterType: int) -> int:
+        """ECC error counts: ``errorType`` NVML_MEMORY_ERROR_TYPE_CORRECTED/UNCORRECTED,
+        ``counterType`` NVML_VOLATILE_ECC (since the last driver load or reset) or
+        NVML_AGGREGATE_ECC (lifetime)."""
+        with self._cond:
+            self._enter("nvmlDeviceGetTotalEccErrors")
+            gpu = self._gpu(handle)
+            if (errorType not in (pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED,
+                                  pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED)
+                    or counterType not in (pynvml.NVML_VOLATILE_ECC, pynvml.NVML_AGGREGATE_ECC)):
+                raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+            uncorrected = errorType == pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
+            return gpu.ecc.get((uncorrected, counterType == pynvml.NVML_VOLATILE_ECC), 0)
+
+    # -- field values ------------------------------------------------------------------
+
+    def nvmlDeviceGetFieldValues(self, handle: Any, fieldIds: Any) -> Any:
+        """Field values, shaped like pynvml's ``c_nvmlFieldValue_t`` array.  Only
+        ``NVML_FI_DEV_GET_GPU_RECOVERY_ACTION`` (230) is modelled; every other field,
+        and that one on a driver that does not report it, answers per field
+        ``nvmlReturn`` = NOT_SUPPORTED while the call succeeds, as NVML reports fields
+        it cannot give.  (What real NVML returns for an ID it does not know at all is
+        not confirmed here.)"""
+        with self._cond:
+            self._enter("nvmlDeviceGetFieldValues")
+            gpu = self._gpu(handle)
+            values = []
+            for field in fieldIds:
+                field_id, scope = field if isinstance(field, tuple) else (field, 0)
+                action = gpu.recovery_action if field_id == FIELD_RECOVERY_ACTION else None
+                values.append(SimFieldValue(
+                    fieldId=field_id, scopeId=scope, timestamp=int(time.time() * 1e6),
+                    latencyUsec=0, valueType=pynvml.NVML_VALUE_TYPE_UNSIGNED_INT,
+                    nvmlReturn=(pynvml.NVML_SUCCESS if action is not None
+                                else pynvml.NVML_ERROR_NOT_SUPPORTED),
+                    value=SimValue(uiVal=action or 0)))
+            return values
 
     # -- fault injection ---------------------------------------------------------------
 
@@ -1484,9 +1764,14 @@ class SimulatedNVML:
         with self._cond:
             self._inject(gpu, event_type, data, gi, ci)
 
-    def xid(self, gpu: int | str, xid: int, *, gi: int | None = None, ci: int | None = None) -> None:
+    def xid(self, gpu: int | str, xid: int, *, gi: int | None = None, ci: int | None = None,
+            recovery_action: int | None = None) -> None:
         """An XID error event (type 0x8, ``eventData`` = the XID).  GI/CI default to
-        0xFFFFFFFF (the whole GPU), or to the MIG device's when ``gpu`` is a MIG UUID."""
+        0xFFFFFFFF (the whole GPU), or to the MIG device's when ``gpu`` is a MIG UUID.
+        ``recovery_action`` sets the driver's verdict first, as the driver records it
+        with the fault."""
+        if recovery_action is not None:
+            self.set_recovery_action(gpu, recovery_action)
         self.event(gpu, EVENT_XID, xid, gi=gi, ci=ci)
 
     def ecc_dbe(self, gpu: int | str) -> None:
@@ -1499,6 +1784,7 @@ class SimulatedNVML:
                 target.remap_pending = True
             else:
                 target.retired_pages_pending = True
+            self._count_ecc(target, 1, uncorrected=True)
 
     def lose(self, gpu: int | str) -> None:
         """The GPU falls off the bus: XID 79, then ``NVMLError_GpuIsLost`` from every call
@@ -1517,6 +1803,11 @@ class SimulatedNVML:
             target.lost = False
             target.retired_pages_pending = False
             target.remap_pending = False
+            # NVML: volatile ECC counts start over at a reset; aggregate ones persist.
+            for key in [k for k in target.ecc if k[1]]:
+                del target.ecc[key]
+            if target.recovery_action is not None:
+                self._set_action(target, pynvml.NVML_GPU_RECOVERY_ACTION_NONE)
 
     def hang(self, gpu: int | str | None = None) -> None:
         """The GPU (every GPU, if ``None``) hangs: each NVML call naming it (by handle,
@@ -1533,8 +1824,61 @@ class SimulatedNVML:
                 target.hung = False
             self._cond.notify_all()
 
+    def _count_ecc(self, gpu: _Gpu, count: int, *, uncorrected: bool) -> None:
+        for volatile in (True, False):
+            key = (uncorrected, volatile)
+            gpu.ecc[key] = gpu.ecc.get(key, 0) + count
+
+    def add_ecc_errors(self, gpu: int | str, count: int, *, corrected: bool = False) -> None:
+        """``count`` more ECC errors (uncorrectable unless ``corrected``) in the GPU's
+        volatile and aggregate counters, with no event (as errors a GPU keeps logging)."""
+        if not _is_int(count) or count < 0:
+            raise ValueError(f"ECC error count must be a non-negative integer, not {count!r}")
+        with self._cond:
+            self._count_ecc(self._lookup(gpu)[0], count, uncorrected=not corrected)
+
+    def _set_action(self, gpu: _Gpu, action: int | None) -> None:
+        changed = action != gpu.recovery_action
+        gpu.recovery_action = action
+        if changed and action is not None:
+            # Drivers that report recovery actions signal changes (event type 0x8000);
+            # the event data carrying the action is an assumption: readers re-read.
+            self._deliver(gpu, EVENT_RECOVERY_ACTION, action, NO_INSTANCE, NO_INSTANCE)
+
+    def set_recovery_action(self, gpu: int | str, action: int | None) -> None:
+        """The driver's recovery action for the GPU (``NVML_GPU_RECOVERY_ACTION_*``), or
+        ``None``: a driver that does not report the field."""
+        if action is not None and (not _is_int(action) or not 0 <= action < 2**32):
+            raise ValueError(f"recovery action must be an NVML_GPU_RECOVERY_ACTION_* value "
+                             f"or None, not {action!r}")
+        with self._cond:
+            target = self._lookup(gpu)[0]
+            if action is not None:
+                target.supported_events |= EVENT_RECOVERY_ACTION
+            self._set_action(target, action)
+
+    def fail(self, gpu: int | str, calls: Any, code: int) -> None:
+        """Make these NVML methods fail with ``code`` (``NVML_ERROR_*``) whenever they
+        name this GPU (or its MIG devices), until :meth:`unfail`: a GPU that answers some
+        queries and not others, as one falling off the bus during discovery does."""
+        names = [calls] if isinstance(calls, str) else list(calls)
+        known = sorted(n for n in dir(type(self)) if n.startswith("nvml"))
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"not NVML calls the simulator has: {unknown}; valid: {', '.join(known)}")
+        if not _is_int(code) or code <= 0:
+            raise ValueError(f"code must be an NVML_ERROR_* value, not {code!r}")
+        with self._cond:
+            target = self._lookup(gpu)[0]
+            target.failures.update(dict.fromkeys(names, code))
+
+    def unfail(self, gpu: int | str) -> None:
+        """Undo :meth:`fail` for the GPU: every call answers again."""
+        with self._cond:
+            self._lookup(gpu)[0].failures.clear()
+
     def set_pending(self, gpu: int | str, *, retired_pages: bool | None = None,
-                    row_remap: bool | None = None) -> None:
+                    row_remap: bool | None = None, row_remap_failed: bool | None = None) -> None:
         """Set or clear pending page retirement / row remapping.  ``ValueError`` for the
         mechanism the GPU lacks (NVML reports it ``NotSupported``, so it can never be
         pending there)."""
@@ -1546,10 +1890,15 @@ class SimulatedNVML:
                 if target.row_remapping:
                     raise ValueError(f"{arch} remaps rows instead of retiring pages: use row_remap")
                 target.retired_pages_pending = retired_pages
-            if row_remap is not None:
+            if row_remap is not None or row_remap_failed is not None:
                 if not target.row_remapping:
                     raise ValueError(f"{arch} retires pages instead of remapping rows: use retired_pages")
-                target.remap_pending = row_remap
+                if row_remap is not None:
+                    target.remap_pending = row_remap
+                if row_remap_failed is not None:
+                    # Permanent on real GPUs (a reset does not clear it); clearing it here
+                    # stands for the GPU being serviced.
+                    target.remap_failed = row_remap_failed
 
     def nvml_down(self) -> None:
         """The driver goes away: ``nvmlInit`` raises ``DriverNotLoaded``, everything else

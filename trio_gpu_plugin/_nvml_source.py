@@ -38,6 +38,7 @@ import ctypes
 import dataclasses
 import functools
 import logging
+import math
 import os
 import random
 import threading
@@ -61,11 +62,17 @@ from ._health import (
 )
 from ._node_model import GpuInfo, NodeModel
 from ._nvml import (
+    DEVICE_ERRORS,
     EVENT_DOUBLE_BIT_ECC,
     EVENT_GPU_UNAVAILABLE,
+    EVENT_RECOVERY_ACTION,
     EVENT_XID,
+    FIELD_RECOVERY_ACTION,
     NVML,
+    RECOVERY_ACTIONS,
     NVMLError,
+    describe_loaded,
+    error_code,
     nvml_gone,
     text,
 )
@@ -130,6 +137,60 @@ class _Call:
     results: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: A start-up job opened an NVML session that nobody has taken yet.
     session_open: bool = False
+    #: Set when the session this call ran in has ended while the call was still inside
+    #: NVML: the reference that keeps NVML alive for it (see :class:`_Holder`).
+    holder: _Holder | None = None
+
+    def finish(self) -> None:
+        """The thread is out of NVML: say so and let go of NVML if it was the last."""
+        with self.lock:
+            self.done.set()
+            holder = self.holder
+        if holder is not None:
+            holder.release(self)
+
+
+class _Holder:
+    """One NVML init reference kept for calls still inside NVML after their session ended.
+
+    ``nvmlShutdown`` of the last reference tears NVML down, and a thread hung in a call
+    (a wedged GPU) would then return into freed state.  So the session's reference is
+    handed here and dropped by whichever of those threads comes out of NVML last.
+    """
+
+    def __init__(self, nvml: NVML) -> None:
+        self._nvml = nvml
+        self._lock = threading.Lock()
+        # The trio side is a member until it has handed out every call, so that a call
+        # returning meanwhile cannot drop the reference under one not yet attached.
+        self._members: set[object] = {self}
+
+    def attach(self, call: _Call) -> bool:
+        """Hold NVML for ``call`` if it is still inside NVML; whether it is."""
+        with call.lock:
+            if call.done.is_set():
+                return False
+            with self._lock:
+                self._members.add(call)
+            call.holder = self
+            return True
+
+    def release(self, member: object) -> None:
+        with self._lock:
+            self._members.discard(member)
+            last = not self._members
+        if last:
+            try:
+                self._nvml.nvmlShutdown()
+            except NVMLError as exc:
+                log.debug("nvmlShutdown (deferred): %s", exc)
+            else:
+                log.info("NVML: the calls that outlived their session have returned; "
+                         "NVML shut down")
+
+    def seal(self) -> None:
+        """Every call is attached: the trio side lets go."""
+        self.release(self)
 
 
 @dataclasses.dataclass
@@ -138,11 +199,23 @@ class _Stuck:
 
     what: str
     since: float
-    done: threading.Event
+    call: _Call
 
 
 class _NvmlGone(Exception):
     """NVML failed as a whole during a session."""
+
+
+class _Reread(Exception):
+    """A GPU NVML could not read has come back: the session ends so that a new one
+    reads the node again (and registers the GPU for events)."""
+
+
+def _first(group: BaseException) -> BaseException:
+    """The first leaf of a (nested) exception group: nested nurseries nest groups."""
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +295,32 @@ class _Event:
     gi: int
     ci: int
     error: str = ""
+    #: Not an event: the wait itself failed for one device (GPU_IS_LOST).
+    wait_failed: bool = False
+
+
+@dataclasses.dataclass
+class _Probe:
+    """What one probe of one GPU found."""
+
+    failure: str | None = None  # NVML cannot reach it
+    gone: NVMLError | None = None  # ... because NVML as a whole is gone
+    refused: str = ""  # NVML declined its memory info for privilege (MIG mode)
+    action_read: bool = False
+    action: int | None = None  # the driver's recovery action (None: not reported)
+    pending: str | None = None  # retirement or remap pending (needs a reset)
+    remap_failed: bool = False
+    uncorrected: int | None = None  # volatile uncorrectable ECC errors
+
+
+#: A stand-in GPU for node-wide NVML calls run through ``_per_gpu`` (counting GPUs).
+_NODE: Final = GpuInfo(uuid="the node", index=-1, minor=-1, name="", memory_bytes=0,
+                       pci_bus_id="", compute_capability=(0, 0), numa_node=None)
+
+
+def model_uuids(model: NodeModel) -> set[str]:
+    """The GPU UUIDs of a model."""
+    return {gpu.uuid for gpu in model.gpus}
 
 
 class NvmlNode:
@@ -296,9 +395,35 @@ class NvmlNode:
         # GPU UUID -> the call it hung in; not asked again until that thread returns.
         self._stuck: dict[str, _Stuck] = {}
         # Probe threads abandoned by a cancellation while (probably) still in NVML.
-        self._abandoned: list[threading.Event] = []
+        self._abandoned: list[_Call] = []
         # The start-up thread that hung, until it returns.
         self._hung_start: threading.Event | None = None
+        # Every GPU seen with its facts read in full, by UUID: a GPU NVML cannot reach
+        # any more stays in the model (Unhealthy) with these, across sessions.
+        self._known: dict[str, GpuInfo] = {}
+        # GPU UUID -> why its facts in the model are not (freshly) read: lost at
+        # discovery, or not found at all.  Never Healthy while listed; once NVML answers
+        # for it, the node is read again.
+        self._unread: dict[str, str] = {}
+        # NVML indexes whose GPU could not even be identified, and the count discovery saw.
+        self._unknown_indexes: set[int] = set()
+        self._count = 0
+        # Set to probe at once (an event wait reported a lost GPU).
+        self._probe_soon = trio.Event()
+        # Re-reading the node when a GPU came back: when last, and how many in a row
+        # found it still unreadable (for back-off).
+        self._reread_at = -math.inf
+        self._rereads = 0
+        # The driver's recovery action per GPU UUID, where the driver reports it.
+        self._actions: dict[str, int] = {}
+        self._actions_unsupported: set[str] = set()
+        # Volatile uncorrectable ECC count per GPU UUID at the last recovery probe.
+        self._ecc: dict[str, int] = {}
+        # Health unit -> what keeps it Unhealthy after its window (logged when it changes).
+        self._holds: dict[str, str] = {}
+        # GPUs whose probe NVML refused for privilege (logged once each).
+        self._refused: set[str] = set()
+        self._wait_error = ""
 
     # --- what sources see ---------------------------------------------------------------
 
@@ -405,14 +530,22 @@ class NvmlNode:
                     self.notify()
                 await trio.sleep(delay)
                 continue
-            self._install(result)
+            model = self._install(result)
             self.observer.nvml_up(True)
             began = trio.current_time()
             try:
-                failure = await self._session(result.model, ready)
+                ended = await self._session(model, ready)
             finally:
                 with trio.CancelScope(shield=True):
                     await self._shutdown()
+            if isinstance(ended, _Reread):
+                # Not a failure: a GPU came back (or the GPU count changed), and a new
+                # session reads the node again and registers it for events.  Health
+                # stays as it is meanwhile.
+                log.info("NVML: %s; reading the node again", ended)
+                self._reread_at = trio.current_time()
+                continue
+            failure = ended
             if trio.current_time() - began > self.retry_cap:
                 # A session that lasted starts the back-off over; one that failed at once
                 # (NVML flapping) keeps doubling it, so flapping cannot flood the log.
@@ -477,41 +610,94 @@ class NvmlNode:
                          f"{self.call_timeout:g} s: a GPU or the driver is hung")
 
     async def _shutdown(self) -> None:
-        # A probe thread abandoned by the cancellation may still be in NVML for a moment:
-        # let it finish before the library goes (hung ones are not waited for).
+        """End the session's NVML reference, unless a thread is still inside NVML.
+
+        A probe thread abandoned by the cancellation may be in NVML for a moment: wait a
+        little for it.  One hung in a wedged GPU's call may never come out; dropping the
+        last reference under it would tear NVML down beneath a live call, so the
+        reference goes to a :class:`_Holder` and that thread drops it when it returns.
+        """
         deadline = trio.current_time() + SHUTDOWN_GRACE
-        while any(not done.is_set() for done in self._abandoned) and trio.current_time() < deadline:
+        while any(not c.done.is_set() for c in self._abandoned) and trio.current_time() < deadline:
             await trio.sleep(0.01)
-        self._abandoned = [done for done in self._abandoned if not done.is_set()]
+        live = [c for c in self._abandoned if not c.done.is_set()]
+        live += [stuck.call for stuck in self._stuck.values() if stuck.call.holder is None]
+        self._abandoned = []
+        holder = _Holder(self.nvml)
+        held = [call for call in live if holder.attach(call)]
+        if held:
+            log.warning("NVML: %d call(s) have not returned from the driver; NVML stays "
+                        "initialised until they do (shutting it down under them would "
+                        "free what they use)", len(held))
+            holder.seal()
+            return
         try:
             await trio.to_thread.run_sync(self.nvml.nvmlShutdown, limiter=self.limiter)
         except NVMLError as exc:
             log.debug("nvmlShutdown: %s", exc)
 
-    def _install(self, result: DiscoveryResult) -> None:
+    def _merge(self, result: DiscoveryResult) -> NodeModel:
+        """The session's model: what discovery read, plus every GPU seen before that it
+        could not read now, with the facts last read in full (or what could be read, for
+        a GPU never read in full).  Those are listed in ``_unread`` and stay Unhealthy:
+        a GPU that falls off the bus must not vanish from the kubelet's capacity."""
         model = result.model
+        unknown = {int(key.split()[1]): problem for key, problem in result.problems.items()
+                   if key.startswith("GPU ")}
+        gpus: list[GpuInfo] = []
+        unread: dict[str, str] = {}
+        for gpu in model.gpus:
+            problem = result.problems.get(gpu.uuid)
+            if problem is None:
+                self._known[gpu.uuid] = gpu
+                gpus.append(gpu)
+            else:
+                unread[gpu.uuid] = problem
+                gpus.append(self._known.get(gpu.uuid, gpu))
+        found = {gpu.uuid for gpu in model.gpus}
+        for uuid, known in self._known.items():
+            if uuid not in found:
+                unread[uuid] = unknown.get(
+                    known.index, f"NVML no longer lists it (it was GPU {known.index})")
+                gpus.append(known)
+        self._unread = unread
+        self._unknown_indexes = set(unknown)
+        gpus.sort(key=lambda g: g.index)
+        return dataclasses.replace(model, gpus=tuple(gpus))
+
+    def _install(self, result: DiscoveryResult) -> NodeModel:
+        """Make the session's model current (see :meth:`_merge`); log what was found."""
         first = self.model is None
+        model = self._merge(result)
         self.model = model
+        self._count = len(result.model.gpus) + len(self._unknown_indexes)
         self.tracker.forget(self._all_units())
         summary = ", ".join(
             f"{g.index}: {g.name} {g.uuid}"
             + (f" MIG [{', '.join(m.profile for m in g.mig_devices)}]" if g.mig_enabled else "")
+            + (" (not reachable)" if g.uuid in self._unread else "")
             for g in model.gpus)
         log.info("NVML session %d: driver %s, %d GPU(s)%s%s", self.sessions, model.driver_version,
                  len(model.gpus), ": " if model.gpus else "", summary)
+        if first and self.nvml is pynvml:
+            log.info("NVML: using %s", describe_loaded())
+        for uuid, notes in result.notes.items():
+            for note in notes:
+                log.info("discovery: GPU %s: %s", uuid, note)
         for device, problem in result.problems.items():
             log.warning("discovery: %s: %s", device, problem)
-            if not device.startswith("GPU "):
-                gpu = model.gpu(device)
-                self._mark(gpu_units(gpu), problem)
+        for uuid, problem in self._unread.items():
+            self._mark(gpu_units(model.gpu(uuid)), f"NVML cannot read it: {problem}")
         self._ready.set()
-        if not first or result.problems:
+        if not first or result.problems or self._unread:
             self.notify()
+        return model
 
-    async def _session(self, model: NodeModel, ready: Callable[[], None]) -> str:
-        """Run the event and probe tasks until NVML fails; return how it failed.  Calls
-        ``ready`` once events are registered."""
-        failure = ""
+    async def _session(self, model: NodeModel, ready: Callable[[], None]) -> str | _Reread:
+        """Run the event and probe tasks until NVML fails, or the node must be read
+        again; return how it failed (or the :class:`_Reread`).  Calls ``ready`` once
+        events are registered."""
+        failure: str | _Reread = ""
         try:
             async with trio.open_nursery() as nursery:
                 if self.checks.watches_events:
@@ -523,10 +709,11 @@ class NvmlNode:
                     nursery.start_soon(trio.sleep_forever)
                 ready()
         except* _NvmlGone as group:
-            first: BaseException = group
-            while isinstance(first, BaseExceptionGroup):  # nested nurseries nest groups
-                first = first.exceptions[0]
-            failure = str(first)
+            failure = str(_first(group))
+        except* _Reread as group:
+            reread = _first(group)
+            assert isinstance(reread, _Reread)
+            failure = reread
         return failure
 
     # --- events ---------------------------------------------------------------------------
@@ -577,9 +764,27 @@ class NvmlNode:
                deliver: Callable[[_Event], None]) -> None:
         """The waiting thread: short waits until ``stop`` is set, each event handed to
         trio as it arrives.  Idle, it costs a timed wait inside NVML and nothing in the
-        event loop (a trio round trip per timeout would cost ~1 ms of CPU each)."""
+        event loop (a trio round trip per timeout would cost ~1 ms of CPU each).
+
+        A wait that fails for one device (GPU_IS_LOST: some GPU on the set fell off the
+        bus, NVML does not say which) is handed over once per streak, for the probes to
+        find the GPU; the thread goes on waiting for the others' events, pacing itself,
+        since such a wait may fail at once every time.  Any other failure ends it.
+        """
+        pause = self.wait_timeout_ms / 1000
+        failing = False
         while not stop.is_set():
-            event = self._wait(event_set)
+            try:
+                event = self._wait(event_set)
+            except NVMLError as exc:
+                if error_code(exc) not in DEVICE_ERRORS:
+                    raise
+                if not failing:
+                    failing = True
+                    trio.from_thread.run_sync(deliver, _Event(None, 0, 0, 0, 0, str(exc), True))
+                stop.wait(pause)
+                continue
+            failing = False
             if event is not None:
                 trio.from_thread.run_sync(deliver, event)
 
@@ -599,11 +804,6 @@ class NvmlNode:
             if changed:
                 self.notify()
             task_status.started()
-
-            def deliver(event: _Event) -> None:
-                if self._on_event(model, event):
-                    self.notify()
-
             stop = threading.Event()
 
             async def stop_on_cancel() -> None:
@@ -613,6 +813,11 @@ class NvmlNode:
                     stop.set()
 
             async with trio.open_nursery() as nursery:
+
+                def deliver(event: _Event) -> None:
+                    if self._on_event(model, event, nursery):
+                        self.notify()
+
                 nursery.start_soon(stop_on_cancel)
                 # Not abandon_on_cancel: the thread must be back before the set is freed.
                 # Cancelling sets ``stop``; the thread sees it after its current wait, so
@@ -631,11 +836,30 @@ class NvmlNode:
                 except NVMLError as exc:
                     log.debug("nvmlEventSetFree: %s", exc)
 
-    def _on_event(self, model: NodeModel, event: _Event) -> bool:
-        """Apply one NVML event; whether any device changed health."""
+    def _on_event(self, model: NodeModel, event: _Event, nursery: trio.Nursery) -> bool:
+        """Apply one NVML event; whether any device changed health.  Reads of the
+        driver's recovery action that it asks for run in ``nursery``."""
         checks = self.checks
+        if event.wait_failed:
+            if event.error != self._wait_error:
+                self._wait_error = event.error
+                log.warning("NVML event wait failed: %s (a GPU is lost, and NVML does not say "
+                            "which); probing every GPU now, the others stay watched",
+                            event.error)
+            self._probe_soon.set()
+            return False
+        self._wait_error = ""
+        if event.event_type & EVENT_RECOVERY_ACTION:
+            if event.uuid is not None and self._checks_actions and event.uuid in model_uuids(model):
+                nursery.start_soon(self._read_action, model.gpu(event.uuid), "")
+            return False
         if event.event_type & EVENT_XID:
             self.observer.nvml_event(event.data, "xid")
+            if (self._checks_actions and event.uuid is not None
+                    and event.uuid in model_uuids(model)):
+                # The driver's verdict on this fault, where it gives one.
+                nursery.start_soon(self._read_action, model.gpu(event.uuid),
+                                   f" after XID {event.data}")
             if not checks.counts_xid(event.data):
                 log.debug("ignoring XID %d on %s (not a health check here)", event.data, event.uuid)
                 return False
@@ -661,20 +885,160 @@ class NvmlNode:
             return False
         return self._mark(units, reason)
 
+    # --- the driver's recovery action -------------------------------------------------------
+
+    @property
+    def _checks_actions(self) -> bool:
+        return self.checks.checks_recovery_action
+
+    def _recovery_action(self, handle: Any) -> int | None:
+        """The driver's recovery action for a GPU (blocking); ``None`` where the driver
+        does not report one (older drivers: the field is NOT_SUPPORTED)."""
+        try:
+            values = self.nvml.nvmlDeviceGetFieldValues(handle, [FIELD_RECOVERY_ACTION])
+        except NVMLError as exc:
+            if nvml_gone(exc) or error_code(exc) in DEVICE_ERRORS:
+                raise
+            return None  # FUNCTION_NOT_FOUND, NOT_SUPPORTED: no field values at all
+        value = values[0]
+        code = int(value.nvmlReturn)
+        if code == pynvml.NVML_SUCCESS:
+            return int(value.value.uiVal)
+        if code in DEVICE_ERRORS:
+            raise pynvml.NVMLError(code)
+        return None
+
+    async def _read_action(self, gpu: GpuInfo, cause: str) -> None:
+        """Read one GPU's recovery action now (after an XID or a recovery-action event)."""
+        if gpu.uuid in self._actions_unsupported or gpu.uuid in self._unread:
+            return
+
+        def ask(gpu: GpuInfo) -> int | None | NVMLError:
+            try:
+                return self._recovery_action(self.nvml.nvmlDeviceGetHandleByUUID(gpu.uuid))
+            except NVMLError as exc:
+                return exc
+
+        answers = await self._per_gpu("reading its recovery action", [gpu], ask)
+        answer = answers.get(gpu.uuid)
+        if isinstance(answer, NVMLError):
+            if nvml_gone(answer) or error_code(answer) in DEVICE_ERRORS:
+                self._probe_soon.set()  # the probe finds out what happened to it
+            return
+        if gpu.uuid in answers and self._apply_action(gpu, answer, cause):
+            self.notify()
+
+    def _apply_action(self, gpu: GpuInfo, action: int | None, cause: str = "") -> bool:
+        """Take the driver's recovery action for ``gpu`` in; whether health changed.  A
+        GPU whose action is not NONE is Unhealthy, its window restarted each time the
+        action is read, so it recovers only once the field reads NONE again and the
+        window has passed."""
+        uuid = gpu.uuid
+        if action is None:
+            if uuid not in self._actions_unsupported:
+                self._actions_unsupported.add(uuid)
+                log.info("%s: the driver does not report recovery actions "
+                         "(NVML_FI_DEV_GET_GPU_RECOVERY_ACTION); the XID policy alone decides",
+                         self._describe(uuid))
+            self._actions.pop(uuid, None)
+            return False
+        name = RECOVERY_ACTIONS.get(action, f"recovery action {action}")
+        previous = self._actions.get(uuid)
+        self._actions[uuid] = action
+        if previous != action:
+            self.observer.recovery_action(uuid, name)
+            if action != pynvml.NVML_GPU_RECOVERY_ACTION_NONE:
+                log.warning("%s: the driver asks for %s%s", self._describe(uuid), name, cause)
+            elif previous is not None:
+                log.info("%s: the driver no longer asks for a recovery action (it asked for "
+                         "%s)", self._describe(uuid),
+                         RECOVERY_ACTIONS.get(previous, f"recovery action {previous}"))
+        if action == pynvml.NVML_GPU_RECOVERY_ACTION_NONE:
+            return False
+        return self._mark(gpu_units(gpu), f"the driver asks for {name}{cause}")
+
+    def recovery_action(self, uuid: str) -> str | None:
+        """The recovery action the driver last reported for GPU ``uuid`` (``"NONE"``,
+        ``"GPU_RESET"``...), ``None`` where it reports none or has not been read."""
+        action = self._actions.get(uuid)
+        return None if action is None else RECOVERY_ACTIONS.get(action, str(action))
+
+    def reasons(self) -> dict[str, str]:
+        """Every unhealthy health unit with why: its first bad signal, and what holds it
+        Unhealthy past its window (lasting damage, the driver's action) where something
+        does, e.g. ``"XID 48 (double-bit ECC error); held: row remapping failed"``."""
+        reasons = self.tracker.unhealthy_units()
+        for unit, hold in self._holds.items():
+            if unit in reasons:
+                reasons[unit] = f"{reasons[unit]}; held: {hold}"
+        return reasons
+
     # --- probes ---------------------------------------------------------------------------
 
-    def _probe_gpu(self, gpu: GpuInfo, unhealthy: frozenset[str]) -> tuple[str | None, str | None, NVMLError | None]:
-        """Ask NVML about one GPU (blocking): (failure, pending, the error if NVML is gone)."""
+    def _probe_gpu(self, gpu: GpuInfo, unhealthy: frozenset[str]) -> _Probe:
+        """Ask NVML about one GPU (blocking).
+
+        Its memory info, or, for a MIG-enabled GPU whose aggregate NVML gives only to a
+        privileged caller, its MIG devices' own: NO_PERMISSION means NVML reached the
+        GPU and declined, which is no device failure.  Where health checks look at the
+        driver's recovery action, that is read too; for a GPU that is Unhealthy, what
+        could hold its recovery (pending retirement or remap, lasting damage).
+        """
+        nvml = self.nvml
+        result = _Probe()
+        try:
+            handle = nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
+            try:
+                nvml.nvmlDeviceGetMemoryInfo(handle)
+            except NVMLError as exc:
+                if error_code(exc) != pynvml.NVML_ERROR_NO_PERMISSION:
+                    raise
+                result.refused = str(exc)
+            for mig in gpu.mig_devices:
+                nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByUUID(mig.uuid))
+            if self._checks_actions and gpu.uuid not in self._actions_unsupported:
+                result.action = self._recovery_action(handle)
+                result.action_read = True
+            if unhealthy.intersection(gpu_units(gpu)):
+                result.pending = self._pending(handle)
+                result.remap_failed, result.uncorrected = self._damage(handle)
+        except NVMLError as exc:
+            result.failure = f"NVML cannot reach it: {exc}"
+            result.gone = exc if nvml_gone(exc) else None
+        return result
+
+    def _answers(self, gpu: GpuInfo) -> bool:
+        """Whether NVML answers for a GPU it could not read (blocking)."""
         nvml = self.nvml
         try:
             handle = nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
-            nvml.nvmlDeviceGetMemoryInfo(handle)
-            pending = self._pending(handle) if unhealthy.intersection(gpu_units(gpu)) else None
-            for mig in gpu.mig_devices:
-                nvml.nvmlDeviceGetHandleByUUID(mig.uuid)
+            try:
+                nvml.nvmlDeviceGetMemoryInfo(handle)
+            except NVMLError as exc:
+                if error_code(exc) != pynvml.NVML_ERROR_NO_PERMISSION:
+                    raise
         except NVMLError as exc:
-            return f"NVML cannot reach it: {exc}", None, exc if nvml_gone(exc) else None
-        return None, pending, None
+            if nvml_gone(exc):
+                raise
+            return False
+        return True
+
+    def _node_changed(self, indexes: set[int], count: int) -> str | None:
+        """Why the node must be read again, judged by NVML's GPU count and the GPUs it
+        could not identify (blocking); ``None`` if nothing changed."""
+        nvml = self.nvml
+        now = nvml.nvmlDeviceGetCount()
+        if now != count:
+            return f"NVML now counts {now} GPU(s), not {count}"
+        for index in sorted(indexes):
+            try:
+                uuid = text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(index)))
+            except NVMLError as exc:
+                if nvml_gone(exc):
+                    raise
+                continue
+            return f"GPU {index} ({uuid}) answers again"
+        return None
 
     def _each_gpu(self, gpus: Sequence[GpuInfo], ask: Callable[[GpuInfo], Any], call: _Call) -> None:
         """The worker thread of :meth:`_per_gpu`: ``ask`` each GPU in turn, noting where
@@ -687,7 +1051,7 @@ class NvmlNode:
                 call.results[gpu.uuid] = ask(gpu)
             call.current = None
         finally:
-            call.done.set()
+            call.finish()
 
     async def _per_gpu(self, what: str, gpus: Sequence[GpuInfo],
                        ask: Callable[[GpuInfo], Any]) -> dict[str, Any]:
@@ -711,22 +1075,22 @@ class NvmlNode:
             finally:
                 if not finished:
                     call.abandoned = True
-                    self._abandoned.append(call.done)
+                    self._abandoned.append(call)
             answers.update(call.results)
             hung = call.current
             if finished or hung is None or hung in call.results:
                 break  # done, or it returned right at the deadline
-            self._abandoned.remove(call.done)  # hung: nothing to wait for at shutdown
-            self._hung(hung, what, call.done)
+            self._abandoned.remove(call)  # hung: tracked in _stuck from now on
+            self._hung(hung, what, call)
             todo = todo[[g.uuid for g in todo].index(hung) + 1:]
         return answers
 
-    def _hung(self, uuid: str, what: str, done: threading.Event) -> None:
+    def _hung(self, uuid: str, what: str, call: _Call) -> None:
         """Record that NVML hangs in ``what`` for the GPU ``uuid``: log it once, mark it."""
-        self._stuck[uuid] = _Stuck(what, trio.current_time(), done)
+        self._stuck[uuid] = _Stuck(what, trio.current_time(), call)
         self.limiter.total_tokens += 1
         model = self.model
-        gpu = model.gpu(uuid) if model is not None else None
+        gpu = next((g for g in model.gpus if g.uuid == uuid), None) if model is not None else None
         name = self._describe(uuid)
         log.warning("%s: NVML has not returned from %s for %g s; its devices are Unhealthy "
                     "until NVML answers for it again (a thread stays blocked in the driver; "
@@ -743,7 +1107,7 @@ class NvmlNode:
         """Release GPUs whose hung call has returned; keep the others' windows open."""
         now = trio.current_time()
         for uuid, stuck in list(self._stuck.items()):
-            if stuck.done.is_set():
+            if stuck.call.done.is_set():
                 del self._stuck[uuid]
                 self.limiter.total_tokens -= 1
                 log.info("%s: NVML returned from %s after %.1f s; probing it again",
@@ -771,35 +1135,130 @@ class NvmlNode:
                 raise
         return None
 
+    def _damage(self, handle: Any) -> tuple[bool, int | None]:
+        """(row remapping failed, volatile uncorrectable ECC count) of a GPU (blocking);
+        what NVML does not support reads as no failure and no count."""
+        nvml = self.nvml
+        failed = False
+        try:
+            failed = bool(nvml.nvmlDeviceGetRemappedRows(handle)[3])
+        except NVMLError as exc:
+            if nvml_gone(exc) or error_code(exc) in DEVICE_ERRORS:
+                raise
+        count: int | None = None
+        try:
+            count = int(nvml.nvmlDeviceGetTotalEccErrors(
+                handle, pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_VOLATILE_ECC))
+        except NVMLError as exc:
+            if nvml_gone(exc) or error_code(exc) in DEVICE_ERRORS:
+                raise
+        return failed, count
+
+    def _hold(self, gpu: GpuInfo, probe: _Probe, now: float) -> str | None:
+        """What keeps ``gpu`` Unhealthy past its window now, from one probe, or ``None``.
+
+        A pending page retirement or row remap always holds (the GPU needs a reset).  A
+        failed row remapping, or a volatile uncorrectable ECC count that rose since the
+        last probe (which is also a fresh bad signal), holds unless the driver, where it
+        reports recovery actions, says NONE: its verdict is better informed than ours.
+        A recovery action other than NONE holds too.
+        """
+        uuid = gpu.uuid
+        damage = None
+        if probe.remap_failed:
+            damage = "row remapping failed (the GPU needs service)"
+        if probe.uncorrected is not None:
+            last = self._ecc.get(uuid)
+            self._ecc[uuid] = probe.uncorrected
+            if last is not None and probe.uncorrected > last:
+                damage = (f"uncorrectable ECC errors keep climbing ({last} -> "
+                          f"{probe.uncorrected})")
+                for unit in gpu_units(gpu):
+                    self.tracker.mark(unit, damage, now)
+        action = self._actions.get(uuid)
+        if action == pynvml.NVML_GPU_RECOVERY_ACTION_NONE:
+            damage = None
+        elif action is not None:
+            return probe.pending or f"the driver asks for {RECOVERY_ACTIONS.get(action, action)}"
+        return probe.pending or damage
+
+    async def _reread_due(self, model: NodeModel) -> str | None:
+        """Why the node should be read again now: a GPU NVML could not read answers, or
+        NVML's GPU count changed; ``None`` if not (or not yet: re-reads that still find a
+        GPU unreadable back off)."""
+        now = trio.current_time()
+        delay = 0.0 if not self._rereads else min(
+            self.retry_cap, self.probe_interval * 2.0 ** min(self._rereads, 16))
+        if now - self._reread_at < delay:
+            return None
+        unread = [gpu for gpu in model.gpus if gpu.uuid in self._unread]
+        if unread:
+            answers = await self._per_gpu("a probe", unread, self._answers)
+            back = [uuid for uuid, ok in answers.items() if ok]
+            if back:
+                return f"{self._describe(back[0])} answers again"
+        answer = await self._per_gpu(
+            "counting GPUs", [_NODE], lambda _: self._node_changed(
+                set(self._unknown_indexes), self._count))
+        return answer.get(_NODE.uuid)
+
     async def _probe_task(self, model: NodeModel) -> None:
+        probed = [gpu for gpu in model.gpus if gpu.uuid not in self._unread]
         while True:
-            await trio.sleep(self.probe_interval)
+            with trio.move_on_after(self.probe_interval):
+                await self._probe_soon.wait()
+            self._probe_soon = trio.Event()
             self._check_hung()
+            reason = await self._reread_due(model)
+            if reason is not None:
+                raise _Reread(reason)
             unhealthy = frozenset(self.tracker.unhealthy_units())
-            if not unhealthy and not self.checks.checks_lost:
+            if not unhealthy and not self.checks.checks_lost and not self._checks_actions:
                 continue
-            answers = await self._per_gpu("a health probe", model.gpus,
+            answers = await self._per_gpu("a health probe", probed,
                                           functools.partial(self._probe_gpu, unhealthy=unhealthy))
-            gone = [error for _, _, error in answers.values() if error is not None]
-            if gone and len(gone) == len(model.gpus):
+            gone = [probe.gone for probe in answers.values() if probe.gone is not None]
+            if gone and len(gone) == len(probed):
                 raise _NvmlGone(f"probes failed: {gone[0]}")
-            results: dict[str, tuple[str | None, str | None]] = {}
-            for gpu in model.gpus:
-                if gpu.uuid in answers:
-                    failure, pending, _ = answers[gpu.uuid]
-                    for unit in gpu_units(gpu):
-                        results[unit] = (failure, pending)
             now = trio.current_time()
             changed = False
-            for unit, (failure, pending) in results.items():
-                if failure is not None:
-                    if self.checks.checks_lost or unit in unhealthy:
-                        changed |= self._log(self.tracker.mark(unit, failure, now))
-                elif unit in unhealthy:
-                    changed |= self._log(self.tracker.probe_ok(unit, now, pending))
+            for gpu in probed:
+                probe = answers.get(gpu.uuid)
+                if probe is None:
+                    continue  # hung: _per_gpu marked it
+                if probe.refused and gpu.uuid not in self._refused:
+                    self._refused.add(gpu.uuid)
+                    log.info("%s: NVML answers its probe with %r (MIG mode without "
+                             "privilege); its MIG devices are probed instead: not a device "
+                             "failure", self._describe(gpu.uuid), probe.refused)
+                if probe.failure is not None:
+                    for unit in gpu_units(gpu):
+                        if self.checks.checks_lost or unit in unhealthy:
+                            changed |= self._log(self.tracker.mark(unit, probe.failure, now))
+                    continue
+                if probe.action_read:
+                    changed |= self._apply_action(gpu, probe.action)
+                if not unhealthy.intersection(gpu_units(gpu)):
+                    continue
+                hold = self._hold(gpu, probe, now)
+                for unit in gpu_units(gpu):
+                    if unit not in unhealthy:
+                        continue
+                    transition = self.tracker.probe_ok(unit, now, hold)
+                    changed |= self._log(transition)
+                    self._note_hold(unit, None if transition is not None else hold)
             if changed:
                 self.notify()
 
+    def _note_hold(self, unit: str, hold: str | None) -> None:
+        """Log once (per condition) what holds ``unit`` Unhealthy beyond its window."""
+        if hold is None or self.tracker.healthy(unit):
+            self._holds.pop(unit, None)
+            return
+        if self._holds.get(unit) == hold:
+            return
+        self._holds[unit] = hold
+        log.warning("%s stays unhealthy: %s", self._describe(unit), hold)
 
 async def follow(node: NvmlNode, device_infos: Callable[[], list[DeviceInfo]], publish: Publish, *,
                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -52,6 +52,10 @@ class Observer:
     def health_transition(self, unit: str, healthy: bool, reason: str) -> None:
         """A GPU or MIG device changed health."""
 
+    def recovery_action(self, gpu: str, action: str) -> None:
+        """The driver's recovery action for GPU ``gpu`` (UUID) is now ``action``
+        (``"NONE"``, ``"GPU_RESET"``...); only for GPUs whose driver reports one."""
+
     def set_devices(self, resource: str, healthy: int, unhealthy: int) -> None:
         """``resource`` now advertises these many devices."""
 
