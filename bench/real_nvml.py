@@ -7,10 +7,19 @@ Run on a machine with an NVIDIA GPU and driver (``nvidia-smi`` on the PATH):
 It discovers the GPUs through real NVML (pynvml) with the same code the plugin runs,
 checks the device model against ``nvidia-smi -q -x`` (UUID, minor number, memory, PCI bus
 ID) and ``nvidia-smi topo -m`` / sysfs (NUMA node), reads what health checking reads
-(supported event types, MIG mode, pending page retirement / row remap), then runs the
-NvmlNode (event task + probes) for a few seconds with a source publishing the device
-list, stops it by cancellation and times the stop.  Exit status 0 only if every check
-passed.  Prints what it found.
+(supported event types, MIG mode, pending page retirement / row remap, the driver's
+recovery action field, volatile uncorrectable ECC count) and times a probe's calls and an
+idle event wait, then runs the NvmlNode (event task + probes) for a few seconds with a
+source publishing the device list (RSS and CPU measured), stops it by cancellation and
+times the stop.
+
+``--fault`` also compiles (``nvcc``) and runs a CUDA program that writes through an
+illegal address while the node watches: the driver raises an XID that NVIDIA's filter
+counts as an application error (13/31/43), so the event must be seen and logged while the
+GPU stays Healthy; the recovery action the driver reports after it is recorded.  It does
+not change any setting of the GPU (MIG mode included).
+
+Exit status 0 only if every check passed.  Prints what it found.
 """
 
 from __future__ import annotations
@@ -41,6 +50,54 @@ from trio_gpu_plugin._discovery import discover, numa_node_path  # noqa: E402
 from trio_gpu_plugin._health import HealthChecks  # noqa: E402
 from trio_gpu_plugin._nvml import load_pynvml  # noqa: E402
 from trio_gpu_plugin._nvml_source import NvmlNode, mig_slices, whole_gpus  # noqa: E402
+from trio_gpu_plugin._observe import Observer  # noqa: E402
+
+FAULT_CU = r"""
+#include <cstdio>
+// Writes through an address no allocation owns: the driver raises an XID for this
+// context (an application error: 13/31/43 by NVIDIA's filter), the GPU is fine.
+__global__ void fault(int *p) { p[threadIdx.x] = 42; }
+int main() {
+    fault<<<1, 32>>>(reinterpret_cast<int *>(0x10));
+    cudaError_t err = cudaDeviceSynchronize();
+    std::printf("cudaDeviceSynchronize: %s\n", cudaGetErrorString(err));
+    return err == cudaSuccess ? 1 : 0;  // 0: it faulted, as it must
+}
+"""
+
+
+class Events(Observer):
+    """Counts the NVML events the node reports (XIDs by number)."""
+
+    def __init__(self) -> None:
+        self.xids: list[int] = []
+        self.kinds: list[str] = []
+
+    def nvml_event(self, xid: int | None, kind: str) -> None:
+        self.kinds.append(kind)
+        if xid is not None:
+            self.xids.append(xid)
+
+
+def rss_mib() -> float:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build_fault(directory: str) -> str | None:
+    """The faulting CUDA program, built with nvcc; ``None`` without nvcc."""
+    nvcc = shutil.which("nvcc") or next(
+        (p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
+    if nvcc is None:
+        return None
+    source = pathlib.Path(directory) / "fault.cu"
+    source.write_text(FAULT_CU)
+    binary = pathlib.Path(directory) / "fault"
+    subprocess.run([nvcc, "-o", str(binary), str(source)], check=True, timeout=300,
+                   capture_output=True, text=True)
+    return str(binary)
 from trio_gpu_plugin.testing import FakeKubelet  # noqa: E402
 
 failures: list[str] = []
@@ -93,10 +150,12 @@ def smi_numa() -> dict[int, int | None]:
     return numa
 
 
-async def run_node(seconds: float, probe_interval: float, wait_ms: int) -> dict[str, Any]:
+async def run_node(seconds: float, probe_interval: float, wait_ms: int,
+                   fault: str | None = None) -> dict[str, Any]:
     nvml = load_pynvml()
+    events = Events()
     node = NvmlNode(nvml, root="/", checks=HealthChecks.from_env(os.environ),
-                    probe_interval=probe_interval, wait_timeout_ms=wait_ms)
+                    probe_interval=probe_interval, wait_timeout_ms=wait_ms, observer=events)
     published: list[list[DeviceInfo]] = []
     report: dict[str, Any] = {}
     async with trio.open_nursery() as nursery:
@@ -107,9 +166,22 @@ async def run_node(seconds: float, probe_interval: float, wait_ms: int) -> dict[
         assert model is not None
         select = mig_slices if any(g.mig_enabled for g in model.gpus) else whole_gpus
         await nursery.start(node.source(select).run, published.append)
+        report["rss_mib"] = rss_mib()
         cpu = time.process_time()
         await trio.sleep(seconds)
         report["cpu_s"] = time.process_time() - cpu
+        if fault is not None:
+            run = await trio.run_process([fault], capture_stdout=True, check=False)
+            report["fault_rc"] = run.returncode
+            report["fault_out"] = run.stdout.decode(errors="replace").strip()
+            # The XID reaches us through the event wait; give it a few waits' time.
+            with trio.move_on_after(5):
+                while not events.xids:
+                    await trio.sleep(0.05)
+            await trio.sleep(max(2 * probe_interval, 1.0))  # probes, and a recovery-action read
+        report["xids"] = events.xids
+        report["event_kinds"] = events.kinds
+        report["recovery_actions"] = {g.uuid: node.recovery_action(g.uuid) for g in model.gpus}
         report["published"] = [[(d.id, d.healthy, d.numa_nodes) for d in devices]
                                for devices in published]
         report["unhealthy"] = node.tracker.unhealthy_units()
@@ -143,6 +215,26 @@ async def with_kubelet() -> dict[str, Any]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def recovery_field(nvml: Any, handle: Any) -> str:
+    """What the driver answers for NVML_FI_DEV_GET_GPU_RECOVERY_ACTION (230)."""
+    [value] = nvml.nvmlDeviceGetFieldValues(handle, [pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION])
+    if value.nvmlReturn != pynvml.NVML_SUCCESS:
+        return f"field not reported (NVML return code {value.nvmlReturn})"
+    return f"{value.value.uiVal} (valueType {value.valueType})"
+
+
+def probe_ms(nvml: Any, uuid: str) -> float:
+    """Wall time of the calls one probe of this GPU makes, in ms."""
+    t0 = time.perf_counter()
+    handle = nvml.nvmlDeviceGetHandleByUUID(uuid)
+    try:
+        nvml.nvmlDeviceGetMemoryInfo(handle)
+    except pynvml.NVMLError_NoPermission:
+        pass
+    nvml.nvmlDeviceGetFieldValues(handle, [pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION])
+    return round((time.perf_counter() - t0) * 1000, 3)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -150,6 +242,8 @@ def main() -> int:
                         help="the node's probe period (the plugin's default: 5 s)")
     parser.add_argument("--wait-ms", type=int, default=250, help="event wait timeout")
     parser.add_argument("--json", help="also write the findings here")
+    parser.add_argument("--fault", action="store_true",
+                        help="also run a CUDA program that faults on purpose (needs nvcc)")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, trio {trio.__version__}, nvidia-ml-py "
           f"{getattr(pynvml, '__version__', '?')}")
@@ -175,6 +269,10 @@ def main() -> int:
                 ("mig_mode", lambda: nvml.nvmlDeviceGetMigMode(handle)),
                 ("retired_pages_pending", lambda: nvml.nvmlDeviceGetRetiredPagesPendingStatus(handle)),
                 ("remapped_rows", lambda: nvml.nvmlDeviceGetRemappedRows(handle)),
+                ("recovery_action", lambda: recovery_field(nvml, handle)),
+                ("uncorrected_volatile_ecc", lambda: nvml.nvmlDeviceGetTotalEccErrors(
+                    handle, pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_VOLATILE_ECC)),
+                ("probe_calls_ms", lambda: probe_ms(nvml, gpu.uuid)),
             ]:
                 try:
                     reads[name] = call()
@@ -188,6 +286,17 @@ def main() -> int:
                   f"MIG {'on' if gpu.mig_enabled else 'off'} {[m.profile for m in gpu.mig_devices]}")
             print(f"         {reads}")
         print(f"  PCIe levels: {sorted(set(model.pcie.values()))}")
+        event_set = nvml.nvmlEventSetCreate()
+        try:
+            t0 = time.perf_counter()
+            try:
+                nvml.nvmlEventSetWait_v2(event_set, 100)
+                idle_wait = "an event arrived"
+            except pynvml.NVMLError_Timeout:
+                idle_wait = f"timed out after {(time.perf_counter() - t0) * 1000:.1f} ms (asked 100)"
+            print(f"  an idle 100 ms event wait {idle_wait}")
+        finally:
+            nvml.nvmlEventSetFree(event_set)
     finally:
         nvml.nvmlShutdown()
 
@@ -224,13 +333,31 @@ def main() -> int:
 
     print(f"\nhealth task: NvmlNode over real NVML for {args.seconds:g} s (event waits of "
           f"{args.wait_ms} ms, probes every {args.probe_interval:g} s), then cancelled")
-    report = trio.run(run_node, args.seconds, args.probe_interval, args.wait_ms)
+    fault = None
+    if args.fault:
+        build = tempfile.mkdtemp(prefix="tgp-fault-", dir="/tmp")
+        try:
+            fault = build_fault(build)
+        except subprocess.CalledProcessError as exc:
+            check(False, f"nvcc builds the faulting program: {exc.stderr.strip()[-300:]}")
+        if fault is None and not failures:
+            print("  [skip] --fault: no nvcc here")
+    report = trio.run(run_node, args.seconds, args.probe_interval, args.wait_ms, fault)
     print(f"  started (init + discovery + first publish) in {report['start_s'] * 1000:.1f} ms")
     last = report["published"][-1]
     print(f"  device lists published: {len(report['published'])}; last ({len(last)} devices): "
           f"{last[:4]}{' ...' if len(last) > 4 else ''}")
     print(f"  CPU used while watching: {report['cpu_s']:.3f} s over {args.seconds:g} s "
           f"({report['cpu_s'] / args.seconds * 60:.3f} s per 60 s)")
+    print(f"  RSS with the node running: {report['rss_mib']:.1f} MiB; recovery actions "
+          f"{report['recovery_actions']}")
+    if fault is not None:
+        print(f"  faulting program: exit {report['fault_rc']}, {report['fault_out']!r}; "
+              f"XIDs seen {report['xids']}")
+        check(report["fault_rc"] == 0, "the CUDA program faulted as it was written to")
+        check(bool(report["xids"]), "its XID reached the node through the event wait")
+        check(all(x in (13, 31, 43, 45) for x in report["xids"]),
+              f"as an application-error XID NVIDIA's filter skips ({report['xids']})")
     check(report["sessions"] == 1, f"one NVML session, no failure (sessions {report['sessions']})")
     check(not report["unhealthy"], f"no device unhealthy: {report['unhealthy'] or 'none'}")
     check(report["stop_s"] < max(1.0, 2 * args.wait_ms / 1000), f"stopped by cancellation in {report['stop_s'] * 1000:.1f} ms (< 1 s)")
