@@ -987,13 +987,7 @@ class NvmlNode:
         nvml = self.nvml
         result = _Probe()
         try:
-            handle = nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
-            try:
-                nvml.nvmlDeviceGetMemoryInfo(handle)
-            except NVMLError as exc:
-                if error_code(exc) != pynvml.NVML_ERROR_NO_PERMISSION:
-                    raise
-                result.refused = str(exc)
+            handle, result.refused = self._reach(gpu)
             for mig in gpu.mig_devices:
                 nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByUUID(mig.uuid))
             if self._checks_actions and gpu.uuid not in self._actions_unsupported:
@@ -1007,16 +1001,23 @@ class NvmlNode:
             result.gone = exc if nvml_gone(exc) else None
         return result
 
+    def _reach(self, gpu: GpuInfo) -> tuple[Any, str]:
+        """The GPU's handle, once its memory info answered (blocking), and NVML's refusal
+        text where it declined for privilege ("" otherwise): a refusal still means NVML
+        reached the GPU.  Raises what NVML raised for anything else."""
+        handle = self.nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
+        try:
+            self.nvml.nvmlDeviceGetMemoryInfo(handle)
+        except NVMLError as exc:
+            if error_code(exc) != pynvml.NVML_ERROR_NO_PERMISSION:
+                raise
+            return handle, str(exc)
+        return handle, ""
+
     def _answers(self, gpu: GpuInfo) -> bool:
         """Whether NVML answers for a GPU it could not read (blocking)."""
-        nvml = self.nvml
         try:
-            handle = nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
-            try:
-                nvml.nvmlDeviceGetMemoryInfo(handle)
-            except NVMLError as exc:
-                if error_code(exc) != pynvml.NVML_ERROR_NO_PERMISSION:
-                    raise
+            self._reach(gpu)
         except NVMLError as exc:
             if nvml_gone(exc):
                 raise
