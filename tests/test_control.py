@@ -758,3 +758,15 @@ async def test_a_successors_socket_with_our_inode_number_is_left_on_cancel(
     monkeypatch.undo()
     assert path.exists()
     successor.close()
+
+
+def test_request_from_args_for_the_lasting_damage_and_recovery_action_ops() -> None:
+    none = (None,) * 5
+    assert request_from_args("recovery-action", "3", *none, action="gpu_reset") == {
+        "op": "recovery-action", "gpu": 3, "action": "gpu_reset"}
+    assert request_from_args("recovery-action", "3", *none, action="null")["action"] is None
+    assert request_from_args("recovery-action", "3", *none, action="2")["action"] == 2
+    assert request_from_args("ecc-errors", "1", *none, count=4, corrected=True) == {
+        "op": "ecc-errors", "gpu": 1, "count": 4, "corrected": True}
+    assert request_from_args("pending", "1", *none, row_remap_failed=True) == {
+        "op": "pending", "gpu": 1, "row_remap_failed": True}

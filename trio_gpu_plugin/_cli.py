@@ -53,8 +53,8 @@ log = logging.getLogger("trio_gpu_plugin.cli")
 # Spelled out rather than imported: the simulator (and its control socket) load only
 # when --simulate asks for them.  tests/test_cli.py keeps these equal to the real ones.
 PRESET_NAMES = ("dgx-a100", "dgx-1", "pcie-4", "a100-mig", "dgx-h100", "single-t4")
-CONTROL_OPS = ("xid", "ecc-dbe", "lost", "recover", "hang", "unhang", "pending", "nvml-down",
-               "nvml-up", "list")
+CONTROL_OPS = ("xid", "ecc-dbe", "lost", "recover", "hang", "unhang", "pending",
+               "recovery-action", "ecc-errors", "nvml-down", "nvml-up", "list")
 
 
 def build_parser() -> argparse.ArgumentParser:
