@@ -3,6 +3,8 @@ events across threads, fault injection, node files and the fake driver root."""
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import inspect
 import json
 import math
@@ -16,9 +18,12 @@ from typing import Any
 import pynvml
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trio_gpu_plugin._nvml import NO_INSTANCE, NVML, text
 from trio_gpu_plugin._nvml_sim import (
+    FAILABLE_CALLS,
     PRESETS,
     SimGpuSpec,
     SimNodeSpec,
@@ -26,6 +31,7 @@ from trio_gpu_plugin._nvml_sim import (
     load_node_file,
     node_from,
 )
+from trio_gpu_plugin._sim_models import DEFAULT_CI_PROFILES, MODELS
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -203,11 +209,16 @@ def test_dgx_a100_bus_ids_switches_and_numa() -> None:
 
 
 def nvlink_peers(sim: SimulatedNVML, handle: Any) -> list[str]:
-    """Remote bus IDs of active links, as discovery reads them."""
+    """Remote bus IDs of active links, as discovery reads them: every link number NVML
+    has, going on past the ones that answer an error (holes, and numbers past the part's
+    own links)."""
     remotes = []
     for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
-        if sim.nvmlDeviceGetNvLinkState(handle, link) == pynvml.NVML_FEATURE_ENABLED:
-            remotes.append(text(sim.nvmlDeviceGetNvLinkRemotePciInfo(handle, link).busId))
+        try:
+            if sim.nvmlDeviceGetNvLinkState(handle, link) == pynvml.NVML_FEATURE_ENABLED:
+                remotes.append(text(sim.nvmlDeviceGetNvLinkRemotePciInfo(handle, link).busId))
+        except (pynvml.NVMLError_NotSupported, pynvml.NVMLError_InvalidArgument):
+            continue
     return remotes
 
 
@@ -227,8 +238,11 @@ def test_dgx1_nvlink_matrix_is_the_hybrid_cube_mesh() -> None:
     assert found == expected | {(b, a): n for (a, b), n in expected.items()}
     with pytest.raises(pynvml.NVMLError_InvalidArgument):
         sim.nvmlDeviceGetNvLinkState(gpus[0], pynvml.NVML_NVLINK_MAX_LINKS)
-    with pytest.raises(pynvml.NVMLError_NotSupported):
-        sim.nvmlDeviceGetNvLinkRemotePciInfo(gpus[0], 6)  # an inactive link
+    # A V100 has 6 links: link number 6 is past them, not an inactive link.
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):
+        sim.nvmlDeviceGetNvLinkState(gpus[0], 6)
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):
+        sim.nvmlDeviceGetNvLinkRemotePciInfo(gpus[0], 6)
 
 
 @pytest.mark.parametrize(("preset", "links", "switches"), [("dgx-a100", 12, 6), ("dgx-h100", 18, 4)])
@@ -250,6 +264,9 @@ def test_gpus_without_nvlink_say_not_supported() -> None:
         sim.nvmlDeviceGetNvLinkState(handles(sim)[0], 0)
     a100 = start("a100-mig")  # NVLink hardware with no link up: all inactive
     assert nvlink_peers(a100, handles(a100)[0]) == []
+    assert a100.nvmlDeviceGetNvLinkState(handles(a100)[0], 11) == 0  # the A100's last link
+    with pytest.raises(pynvml.NVMLError_NotSupported):
+        a100.nvmlDeviceGetNvLinkRemotePciInfo(handles(a100)[0], 11)  # an inactive link
 
 
 def test_asymmetric_nvlinks_are_representable() -> None:
@@ -290,7 +307,8 @@ def go_nvlib_profile(sim: SimulatedNVML, mig: Any) -> str:
             ci_info = info
             break
     assert gi_info is not None and ci_info is not None
-    gb = round(math.ceil(gi_info.memorySizeMB * MiB / total * 8) / 8 * math.ceil(total / GiB))
+    # Go's math.Round rounds half away from zero (Python's round() halves to even).
+    gb = math.floor(math.ceil(gi_info.memorySizeMB * MiB / total * 8) / 8 * math.ceil(total / GiB) + 0.5)
     me = "+me" if gi_index in (pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV1,
                                pynvml.NVML_GPU_INSTANCE_PROFILE_2_SLICE_REV1) else ""
     g, c = gi_info.sliceCount, ci_info.sliceCount
@@ -544,7 +562,7 @@ def test_a_hung_gpu_blocks_every_call_naming_it_until_unhung() -> None:
              lambda: sim.nvmlDeviceGetHandleByUUID(gpu_uuid),
              lambda: sim.nvmlDeviceGetHandleByUUID(mig_uuid)]
     returned: list[object] = []
-    threads = [threading.Thread(target=lambda c=c: returned.append(c()), daemon=True)  # type: ignore[misc]
+    threads = [threading.Thread(target=lambda c=c: returned.append(c()), daemon=True)
                for c in calls]
     for thread in threads:
         thread.start()
@@ -939,3 +957,283 @@ def test_an_a30_splits_in_four_as_the_driver_numbers_it() -> None:
     assert sorted(sim.nvmlDeviceGetGpuInstanceId(m) for m in migs) == [1, 5, 6]
     with pytest.raises(ValueError, match="4 compute slices, 4 memory slices"):
         SimNodeSpec("too-much", (SimGpuSpec("NVIDIA A30", mig=("4g.24gb", "1g.6gb")),))
+
+
+def test_the_a30_readings_layout_gets_the_readings_ids() -> None:
+    # A real A30's ``nvidia-smi mig -lgi``: 1g GIs at slices 0 and 1 got IDs 3 and 4, a 2g
+    # at slice 2 got ID 2 (see _sim_models.GpuModel).
+    node = SimNodeSpec("a30", (SimGpuSpec("NVIDIA A30", mig=("1g.6gb", "1g.6gb", "2g.12gb")),))
+    sim = start(node)
+    parent = sim.nvmlDeviceGetHandleByIndex(0)
+    migs = mig_devices(sim, parent)
+    assert [sim.nvmlDeviceGetGpuInstanceId(m) for m in migs] == [3, 4, 2]
+    starts = [sim.nvmlGpuInstanceGetInfo(sim.nvmlDeviceGetGpuInstanceById(
+        parent, sim.nvmlDeviceGetGpuInstanceId(m))).placement.start for m in migs]
+    assert starts == [0, 1, 2]
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):
+        sim.nvmlDeviceGetMigDeviceHandleByIndex(parent, 4)  # 4 slots on an A30, not 7
+    with pytest.raises(pynvml.NVMLError_NotFound):
+        sim.nvmlDeviceGetMigDeviceHandleByIndex(parent, 3)
+    info = sim.nvmlDeviceGetGpuInstanceProfileInfo(parent, pynvml.NVML_GPU_INSTANCE_PROFILE_2_SLICE_REV1)
+    assert (info.name, info.id, info.memorySizeMB) == ("MIG 2g.12gb+me", 6, 11968)
+    with pytest.raises(pynvml.NVMLError_NotSupported):  # an A30 has no 3g or 7g
+        sim.nvmlDeviceGetGpuInstanceProfileInfo(parent, pynvml.NVML_GPU_INSTANCE_PROFILE_7_SLICE)
+
+
+@pytest.mark.parametrize(("model", "layout", "ids", "names"), [
+    ("NVIDIA H200", ("3g.71gb", "2g.35gb", "1g.18gb", "1g.18gb"), [2, 3, 9, 10],
+     ["3g.71gb", "2g.35gb", "1g.18gb", "1g.18gb"]),
+    ("NVIDIA H200", ("1g.18gb",) * 7, list(range(7, 14)), ["1g.18gb"] * 7),
+    ("NVIDIA B200", ("4g.90gb", "3g.90gb"), [1, 2], ["4g.90gb", "3g.90gb"]),
+    ("NVIDIA B200", ("7g.180gb",), [0], ["7g.180gb"]),
+    ("NVIDIA B200", ("1g.45gb", "1c.2g.45gb"), [3, 4], ["1g.45gb", "1c.2g.45gb"]),
+])
+def test_h200_and_b200_mig_nodes_simulate_as_their_tables_say(
+        model: str, layout: tuple[str, ...], ids: list[int], names: list[str]) -> None:
+    sim = start(SimNodeSpec("mig", (SimGpuSpec(model, mig=layout),)))
+    parent = sim.nvmlDeviceGetHandleByIndex(0)
+    assert sim.nvmlDeviceGetMaxMigDeviceCount(parent) == 7
+    migs = mig_devices(sim, parent)
+    assert [sim.nvmlDeviceGetGpuInstanceId(m) for m in migs] == ids
+    assert [sim.nvmlDeviceGetName(m) for m in migs] == [f"{model} MIG {n}" for n in names]
+    # Every GI profile answers with NVML's own name, as ``nvidia-smi mig -lgip`` prints it.
+    table = MODELS[model].mig
+    for profile in table:
+        info = sim.nvmlDeviceGetGpuInstanceProfileInfo(parent, profile.index)
+        assert (info.name, info.id, info.sliceCount, info.memorySizeMB, info.instanceCount) == (
+            f"MIG {profile.name}", profile.id, profile.slices, profile.memory_mb, profile.instances)
+    # go-nvlib's naming from the profile info agrees with the layout's names.
+    assert [go_nvlib_profile(sim, m) for m in migs] == names
+
+
+def test_ci_profiles_are_the_parts_own() -> None:
+    sim = start(SimNodeSpec("ci", (SimGpuSpec(A100, mig=("7g.40gb",)),)))
+    parent = sim.nvmlDeviceGetHandleByIndex(0)
+    [mig] = mig_devices(sim, parent)
+    gi = sim.nvmlDeviceGetGpuInstanceById(parent, sim.nvmlDeviceGetGpuInstanceId(mig))
+    offered = {}
+    for index in range(pynvml.NVML_COMPUTE_INSTANCE_PROFILE_COUNT):
+        try:
+            info = sim.nvmlGpuInstanceGetComputeInstanceProfileInfo(gi, index, 0)
+        except pynvml.NVMLError_NotSupported:
+            continue
+        offered[index] = (info.sliceCount, info.name)
+    # 1_SLICE_REV1 (7) and 7_SLICE_NVL (8) are not the A100's; 3 slices in a 7-slice GI are.
+    assert offered == {0: (1, "MIG 1c.7g.40gb"), 1: (2, "MIG 2c.7g.40gb"),
+                       2: (3, "MIG 3c.7g.40gb"), 3: (4, "MIG 4c.7g.40gb"), 4: (7, "MIG 7g.40gb")}
+    ci = sim.nvmlGpuInstanceGetComputeInstanceById(gi, 0)
+    assert sim.nvmlComputeInstanceGetInfo(ci).profileId == pynvml.NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE
+
+
+def test_a_part_offering_a_revised_ci_profile_offers_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = MODELS[A100]
+    part = dataclasses.replace(base, ci_profiles=(*DEFAULT_CI_PROFILES, 7))
+    monkeypatch.setitem(MODELS, "Test GPU", part)
+    sim = start(SimNodeSpec("rev", (SimGpuSpec("Test GPU", mig=("1g.5gb",)),)))
+    parent = sim.nvmlDeviceGetHandleByIndex(0)
+    [mig] = mig_devices(sim, parent)
+    gi = sim.nvmlDeviceGetGpuInstanceById(parent, sim.nvmlDeviceGetGpuInstanceId(mig))
+    rev1 = sim.nvmlGpuInstanceGetComputeInstanceProfileInfo(
+        gi, pynvml.NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE_REV1, 0)
+    assert (rev1.id, rev1.sliceCount) == (7, 1)
+    # The CI itself is the plain 1-slice profile: the first the part offers.
+    ci = sim.nvmlGpuInstanceGetComputeInstanceById(gi, 0)
+    assert sim.nvmlComputeInstanceGetInfo(ci).profileId == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_any_layout_that_fits_gets_distinct_swizzle_ids(data: st.DataObject) -> None:
+    model_name = data.draw(st.sampled_from([n for n, m in MODELS.items() if m.mig]))
+    model = MODELS[model_name]
+    layout = data.draw(st.lists(st.sampled_from([p.name for p in model.mig]), max_size=8))
+    try:
+        node = SimNodeSpec("h", (SimGpuSpec(model_name, mig=tuple(layout)),))
+    except ValueError:
+        return  # does not fit: refused, as the driver would
+    sim = start(node)
+    parent = sim.nvmlDeviceGetHandleByIndex(0)
+    assert sim.nvmlDeviceGetMaxMigDeviceCount(parent) == model.compute_slices
+    used_compute = used_memory = 0
+    seen = set()
+    for mig in mig_devices(sim, parent):
+        gi_id = sim.nvmlDeviceGetGpuInstanceId(mig)
+        info = sim.nvmlGpuInstanceGetInfo(sim.nvmlDeviceGetGpuInstanceById(parent, gi_id))
+        start_, size = info.placement.start, info.placement.size
+        slices = sim.nvmlDeviceGetAttributes(mig).gpuInstanceSliceCount
+        # Aligned to its size, inside the part, and the swizzle ID is the slot's.
+        assert start_ % size == 0 and start_ + slices <= model.compute_slices
+        assert gi_id == model.memory_slices // size - 1 + start_ // size
+        compute, memory = ((1 << slices) - 1) << start_, ((1 << size) - 1) << start_
+        assert not (compute & used_compute or memory & used_memory)
+        used_compute, used_memory = used_compute | compute, used_memory | memory
+        seen.add(gi_id)
+    assert len(seen) == len(layout)
+
+
+def test_gpu_and_compute_instance_lists_need_privilege_too() -> None:
+    sim = start("a100-mig", privileged=False)
+    parent = sim.nvmlDeviceGetHandleByIndex(2)  # seven 1g.5gb
+    count = ctypes.c_uint(0)
+    found: list[Any] = [None] * 7
+    with pytest.raises(pynvml.NVMLError_NoPermission):
+        sim.nvmlDeviceGetGpuInstances(parent, 19, found, ctypes.byref(count))
+    assert count.value == 0 and found == [None] * 7  # nothing written
+    sim.set_privileged(True)
+    assert sim.nvmlDeviceGetGpuInstances(parent, 19, found, ctypes.byref(count)) == 0
+    assert count.value == 7
+    assert sorted(sim.nvmlGpuInstanceGetInfo(g).id for g in found) == list(range(7, 14))
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):
+        sim.nvmlDeviceGetGpuInstances(parent, 19, [None] * 6, count)  # too small a buffer
+    assert sim.nvmlDeviceGetGpuInstances(parent, 0, found, count) == 0 and count.value == 0
+    cis: list[Any] = [None]
+    assert sim.nvmlGpuInstanceGetComputeInstances(found[0], 0, cis, count) == 0
+    assert count.value == 1 and sim.nvmlComputeInstanceGetInfo(cis[0]).id == 0
+    sim.set_privileged(False)
+    with pytest.raises(pynvml.NVMLError_NoPermission):
+        sim.nvmlGpuInstanceGetComputeInstances(found[0], 0, cis, count)
+    with pytest.raises(pynvml.NVMLError_NoPermission):
+        sim.nvmlGpuInstanceGetComputeInstanceById(found[0], 0)
+    # Without privilege the rest still answers: slots, UUIDs, names, GI/CI IDs, profiles.
+    mig = sim.nvmlDeviceGetMigDeviceHandleByIndex(parent, 0)
+    assert sim.nvmlDeviceGetUUID(mig).startswith("MIG-")
+    assert sim.nvmlDeviceGetName(mig) == f"{A100} MIG 1g.5gb"
+    assert (sim.nvmlDeviceGetGpuInstanceId(mig), sim.nvmlDeviceGetComputeInstanceId(mig)) == (7, 0)
+    assert sim.nvmlGpuInstanceGetComputeInstanceProfileInfo(found[0], 0, 0).sliceCount == 1
+
+
+def test_privilege_is_the_nodes_unless_the_constructor_says(tmp_path: pathlib.Path) -> None:
+    assert SimulatedNVML(PRESETS["a100-mig"]).privileged is False  # the default
+    path = tmp_path / "root.yaml"
+    path.write_text("privileged: true\ngpus:\n  - model: NVIDIA A100-SXM4-40GB\n    mig: [7g.40gb]\n")
+    node = load_node_file(path)
+    assert node.privileged is True
+    sim = SimulatedNVML(node)
+    sim.nvmlInit()
+    assert sim.privileged
+    assert sim.nvmlDeviceGetMemoryInfo(sim.nvmlDeviceGetHandleByIndex(0)).total == 40960 * MiB
+    assert SimulatedNVML(node, privileged=False).privileged is False
+    path.write_text("privileged: yes please\ngpus: []\n")
+    with pytest.raises(ValueError, match="privileged: must be true or false"):
+        load_node_file(path)
+
+
+def test_link_numbers_stop_at_the_parts_own() -> None:
+    sim = start(SimNodeSpec("links", (SimGpuSpec(A100, nvlinks={1: 10}, nvlink_unsupported=(0, 1)),
+                                      SimGpuSpec(A100, nvlinks={0: 10}))))
+    a = sim.nvmlDeviceGetHandleByIndex(0)
+    assert [sim.nvmlDeviceGetNvLinkState(a, n) for n in range(2, 12)] == [1] * 10
+    for link in (12, pynvml.NVML_NVLINK_MAX_LINKS - 1):  # an A100 has 12 links
+        with pytest.raises(pynvml.NVMLError_InvalidArgument):
+            sim.nvmlDeviceGetNvLinkState(a, link)
+    assert len(nvlink_peers(sim, a)) == 10
+    for holes, message in [((0, 1, 2), "10 active links do not fit beside 3"),
+                           ((12,), "0..11"), ((-1,), "0..11")]:
+        with pytest.raises(ValueError, match=message):
+            SimNodeSpec("bad", (SimGpuSpec(A100, nvlinks={1: 10}, nvlink_unsupported=holes),
+                                SimGpuSpec(A100)))
+    with pytest.raises(ValueError, match="has no NVLink"):
+        SimNodeSpec("bad", (SimGpuSpec("Tesla T4", nvlink_unsupported=(0,)),))
+
+
+def test_injected_failures_cover_mig_devices_and_instances() -> None:
+    sim = start("a100-mig")
+    parent = sim.nvmlDeviceGetHandleByIndex(0)
+    mig = sim.nvmlDeviceGetMigDeviceHandleByIndex(parent, 0)
+    gi = sim.nvmlDeviceGetGpuInstanceById(parent, sim.nvmlDeviceGetGpuInstanceId(mig))
+    sim.fail(sim.nvmlDeviceGetUUID(mig), ["nvmlDeviceGetUUID", "nvmlGpuInstanceGetInfo"],
+             pynvml.NVML_ERROR_UNKNOWN)  # a MIG UUID names its parent GPU
+    for call in (lambda: sim.nvmlDeviceGetUUID(parent), lambda: sim.nvmlDeviceGetUUID(mig),
+                 lambda: sim.nvmlGpuInstanceGetInfo(gi)):
+        with pytest.raises(pynvml.NVMLError_Unknown):
+            call()
+    assert sim.nvmlDeviceGetName(mig).endswith("MIG 3g.20gb")
+    sim.fail(0, "nvmlDeviceGetName", pynvml.NVML_ERROR_GPU_IS_LOST)  # adds up
+    with pytest.raises(pynvml.NVMLError_GpuIsLost):
+        sim.nvmlDeviceGetName(mig)
+    with pytest.raises(pynvml.NVMLError_Unknown):
+        sim.nvmlDeviceGetUUID(mig)
+    sim.unfail(0)
+    assert sim.nvmlDeviceGetUUID(parent).startswith("GPU-")
+    assert "nvmlInit" not in FAILABLE_CALLS and "nvmlDeviceGetMinorNumber" in FAILABLE_CALLS
+    for calls, code, message in [(["nvmlInit"], 1, "valid: nvmlComputeInstanceGetInfo"),
+                                 ([], 1, "none given"),
+                                 (["nvmlDeviceGetName"], 0, "NVML_ERROR_"),
+                                 (["nvmlDeviceGetName"], True, "NVML_ERROR_")]:
+        with pytest.raises(ValueError, match=message):
+            sim.fail(0, calls, code)
+    with pytest.raises(KeyError):
+        sim.fail(9, ["nvmlDeviceGetName"], 1)
+
+
+def test_the_recovery_action_field_comes_and_goes_with_its_event_type() -> None:
+    field = pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION
+    sim = start("pcie-4")
+    gpu = sim.nvmlDeviceGetHandleByIndex(0)
+    assert not sim.nvmlDeviceGetSupportedEventTypes(gpu) & 0x8000  # not reported: no event
+    with pytest.raises(pynvml.NVMLError_NotSupported):
+        sim.nvmlDeviceRegisterEvents(gpu, 0x8000, sim.nvmlEventSetCreate())
+    sim.set_recovery_action(0, pynvml.NVML_GPU_RECOVERY_ACTION_NONE)
+    assert sim.nvmlDeviceGetSupportedEventTypes(gpu) & 0x8000
+    events = sim.nvmlEventSetCreate()
+    sim.nvmlDeviceRegisterEvents(gpu, 0x8000, events)
+    sim.set_recovery_action(0, pynvml.NVML_GPU_RECOVERY_ACTION_NODE_REBOOT)
+    sim.set_recovery_action(0, pynvml.NVML_GPU_RECOVERY_ACTION_NODE_REBOOT)  # no change: no event
+    event = sim.nvmlEventSetWait_v2(events, 0)
+    assert (event.eventType, event.eventData, event.gpuInstanceId) == (0x8000, 2, NO_INSTANCE)
+    with pytest.raises(pynvml.NVMLError_Timeout):
+        sim.nvmlEventSetWait_v2(events, 0)
+    [value] = sim.nvmlDeviceGetFieldValues(gpu, [field])
+    assert (value.fieldId, value.scopeId, value.valueType, value.nvmlReturn) == (
+        field, 0, pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, pynvml.NVML_SUCCESS)
+    assert value.value.uiVal == value.value.ullVal == 2
+    sim.set_recovery_action(0, None)  # a driver that stops reporting it
+    assert not sim.nvmlDeviceGetSupportedEventTypes(gpu) & 0x8000
+    assert sim.nvmlDeviceGetFieldValues(gpu, [field])[0].nvmlReturn == pynvml.NVML_ERROR_NOT_SUPPORTED
+    with pytest.raises(pynvml.NVMLError_Timeout):
+        sim.nvmlEventSetWait_v2(events, 0)
+    sim.recover(0)  # a reset leaves an unsupported field unsupported
+    assert sim.nvmlDeviceGetFieldValues(gpu, [field])[0].nvmlReturn == pynvml.NVML_ERROR_NOT_SUPPORTED
+    with pytest.raises(ValueError):
+        sim.set_recovery_action(0, -1)
+
+
+def test_ecc_counters_by_type_and_a_remap_failure_cleared_only_by_hand() -> None:
+    sim = start("dgx-a100")
+    gpu = sim.nvmlDeviceGetHandleByIndex(0)
+    cor, unc = pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
+    vol, agg = pynvml.NVML_VOLATILE_ECC, pynvml.NVML_AGGREGATE_ECC
+    sim.add_ecc_errors(0, 3, corrected=True)
+    counts = {(e, c): sim.nvmlDeviceGetTotalEccErrors(gpu, e, c) for e in (cor, unc) for c in (vol, agg)}
+    assert counts == {(cor, vol): 3, (cor, agg): 3, (unc, vol): 0, (unc, agg): 0}
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):
+        sim.nvmlDeviceGetTotalEccErrors(gpu, 7, vol)
+    with pytest.raises(ValueError):
+        sim.add_ecc_errors(0, -1)
+    sim.set_pending(0, row_remap_failed=True)
+    for _ in range(2):
+        sim.recover(0)
+        assert sim.nvmlDeviceGetRemappedRows(gpu)[3] == 1
+    sim.set_pending(0, row_remap_failed=False)  # the GPU serviced or replaced
+    assert sim.nvmlDeviceGetRemappedRows(gpu)[3] == 0
+    v100 = start("dgx-1")
+    with pytest.raises(ValueError, match="retires pages"):
+        v100.set_pending(0, row_remap_failed=True)
+
+
+def test_a_teardown_while_a_thread_waits_for_events_is_counted(opened: list[SimulatedNVML]) -> None:
+    sim = start("pcie-4", opened)
+    sim.nvmlInit()  # two references: dropping one is no teardown
+    events = sim.nvmlEventSetCreate()
+    sim.nvmlDeviceRegisterEvents(sim.nvmlDeviceGetHandleByIndex(0), 0x8, events)
+    thread, outcome = wait_in_thread(sim, events, 10_000)
+    sim.nvmlShutdown()
+    assert sim.shutdown_under_live_call == 0
+    sim.xid(0, 13)
+    thread.join(5)
+    assert outcome[0].eventData == 13
+    thread, outcome = wait_in_thread(sim, events, 10_000)
+    sim.nvmlShutdown()  # the last reference, under a live wait
+    thread.join(5)
+    assert sim.shutdown_under_live_call == 1
+    assert isinstance(outcome[0], pynvml.NVMLError_Uninitialized)

@@ -24,7 +24,8 @@ Where each modelled behaviour comes from
 A simulator written beside the code agrees with the code by construction, so each
 behaviour here names its source.  "NVML API" is NVIDIA's NVML API reference (the call's
 documented returns and notes); "pynvml" is nvidia-ml-py 13.615.71's source; "H100 run" is
-``bench/real_nvml.py`` on an H100 80GB, driver 580.159.04 (``bench/results/real_nvml-h100.txt``).
+``bench/real_nvml.py`` on an H100 80GB, driver 580.159.04 (``bench/results/real_nvml-h100.txt``);
+"assumed" means no source was found and the harder case for our code was chosen.
 
 =========================================================  ==========================================
 Behaviour                                                  Source
@@ -32,48 +33,75 @@ Behaviour                                                  Source
 ``nvmlInit``/``nvmlShutdown`` reference-counted; calls     NVML API (nvmlInit_v2, nvmlShutdown)
 before init raise UNINITIALIZED
 No library: LIBRARY_NOT_FOUND from ``nvmlInit``            pynvml (NVMLError_LibraryNotFound)
-Errors are pynvml's own ``NVMLError_*`` classes            pynvml
+Errors are pynvml's own ``NVMLError_*`` classes            pynvml (``NVMLError(code)`` picks them)
 ``busId`` as undecoded bytes in structures                 pynvml (char arrays left as bytes)
 Memory, minor, bus ID, name, CUDA capability of a GPU      H100 run (equal to ``nvidia-smi -q -x``)
 NUMA from sysfs; -1 means unknown                          NVIDIA's plugin (GetNumaNode); H100 run
                                                            (a VM: -1)
-Supported events 0xff9f on Hopper                          H100 run (our default mask is narrower)
+Supported events 0xff9f on Hopper (0x8000 included)        H100 run (our default mask is narrower;
+                                                           0x8000 only with the recovery field)
 Page retirement before Ampere, row remapping on Ampere+,   NVML API; H100 run (retirement
 each NOT_SUPPORTED for the other                           NOT_SUPPORTED, remapping readable)
-``nvmlDeviceGetRemappedRows``: (corr, unc, pending,        NVML API
-failure); a failed remap is permanent, a reset clears
-only the pending flag
-ECC counts: volatile ones reset with the GPU, aggregate    NVML API (nvmlDeviceGetTotalEccErrors,
-ones persist                                               nvmlEccCounterType_t)
+``nvmlDeviceGetRemappedRows``: (corr, unc, pending,        NVML API (the tuple); pynvml; a failed
+failure); a reset clears only the pending flag, a failed   remap lasting until the GPU is serviced:
+remap lasts (cleared only by ``set_pending``)              NVIDIA's row-remapping docs (RMA)
+ECC counts (``nvmlDeviceGetTotalEccErrors``): volatile     NVML API (nvmlEccCounterType_t:
+ones reset with the GPU, aggregate ones persist            volatile "since last driver load/reset")
 Event data names the GPU handle, never a MIG handle;       NVML API (nvmlEventData_t); pynvml
 GI/CI 0xFFFFFFFF for whole-GPU events
-Wait timeout raises TIMEOUT; a wait on a set with a lost   NVML API (nvmlEventSetWait_v2 returns);
-GPU raises GPU_IS_LOST (every wait, after queued events)   repeating on every wait is assumed (the
-                                                           harder case), not documented
+Wait timeout raises TIMEOUT; a wait on a set with a lost   NVML API (nvmlEventSetWait_v2 returns
+GPU raises GPU_IS_LOST at once, after queued events (the   GPU_IS_LOST); repeating it on every wait
+XID 79 first), on every wait while it stays lost           is assumed: how often a driver repeats
+                                                           it is not documented
 A lost GPU: XID 79, then GPU_IS_LOST from every call       NVML API (GPU_IS_LOST); nvidia-smi's
 naming it, its handle by index or UUID included            "Unable to determine the device handle
                                                            ... GPU is lost" on real nodes
-Per-call failures (:meth:`SimulatedNVML.fail`)             NVML API lists GPU_IS_LOST/UNKNOWN for
-                                                           each query; which fail on a dying GPU
-                                                           varies and is injected, not modelled
-A hung GPU blocks every call naming it; a call that        assumed from wedged-GPU reports; the
-returns after teardown sees UNINITIALIZED                  teardown count is ours
-MIG: NOT_FOUND for an empty slot, INVALID_ARGUMENT past    NVML API
-the last; GI IDs as the driver's swizzle IDs               NVIDIA MIG user guide (``-lgi`` output)
+Per-call failures (:meth:`SimulatedNVML.fail`)             NVML API lists GPU_IS_LOST/UNKNOWN/
+                                                           NO_PERMISSION for each query; which fail
+                                                           on a dying GPU varies: injected, not
+                                                           modelled
+A hung GPU blocks every call naming it; a call released    assumed from wedged-GPU reports; the
+after the last ``nvmlShutdown`` raises UNINITIALIZED       teardown count
+                                                           (:attr:`~SimulatedNVML.shutdown_under_live_call`)
+                                                           is ours: real NVML frees what the call
+                                                           uses (a use-after-free)
+MIG: NOT_FOUND for an empty slot, INVALID_ARGUMENT past    NVML API (nvmlDeviceGetMigDeviceHandleByIndex,
+the last; the slot count and                               nvmlDeviceGetMaxMigDeviceCount);
+``nvmlDeviceGetMaxMigDeviceCount`` are the part's          ``_sim_models`` (A30: 4)
+compute slices (7; A30: 4)
+MIG geometry per part (compute/memory slices, A30 4/4);    NVIDIA MIG user guide (``-lgi`` output,
+GI IDs as the driver's swizzle IDs,                        A100); a real A30 ``-lgi`` (1g at 0, 1
+``memory_slices // m - 1 + start // m``                    -> IDs 3, 4; 2g at 2 -> ID 2)
 MIG device name ``<GPU name> MIG <profile>``               NVML API (nvmlDeviceGetName on MIG)
-MIG without privilege: a parent's memory info and the      NVML API ("only if the caller has
-GPU/compute instance lookups answer NO_PERMISSION; MIG     appropriate privileges", "Requires
-handles, attributes and profile tables answer              privileged user")
-Profile tables per part                                    ``_sim_models`` (each table's source)
+MIG without privilege (the default): a MIG-enabled         NVML API (nvmlDeviceGetMemoryInfo: "only
+parent's memory info, ``nvmlDeviceGetGpuInstanceById``/    if the caller has appropriate
+``GetGpuInstances``, ``nvmlGpuInstanceGetComputeInstance   privileges"; the four lookups: "Requires
+ById``/``GetComputeInstances`` answer NO_PERMISSION; MIG   privileged user")
+handles, their UUID/name/memory/GI/CI IDs/attributes
+and the profile tables answer
+GI profile tables per part                                 ``_sim_models`` (each table's source)
 Profile info ``name`` is NVML's (``MIG 3g.71gb``)          NVIDIA's published tables, which are
                                                            ``nvidia-smi mig -lgip`` output
-NVLink: NOT_SUPPORTED without NVLink; link numbers that    NVML API; holes: assumed from parts whose
-answer NOT_SUPPORTED before active ones                    link numbering is sparse
+CI profiles: only the part's indexes                       pynvml (the index constants); go-nvlib
+(``GpuModel.ci_profiles``: 1_SLICE_REV1, 7_SLICE_NVL on    mig_profile.go (slices per index);
+none) whose slices the GI allows (no 3-slice CI in a 4g)   which parts offer the revisions: assumed
+NVLink: NOT_SUPPORTED without NVLink; INVALID_ARGUMENT     NVML API (INVALID_ARGUMENT "if ... link
+for link numbers past the part's own (A100: 12), not       is invalid"); NVIDIA k8s-test-infra
+just past NVML_NVLINK_MAX_LINKS                            mocknvml engine/topology.go (#255 note:
+                                                           real NVML answers INVALID_ARGUMENT for
+                                                           link >= the part's link count)
+NVLink holes: link numbers answering NOT_SUPPORTED         assumed; whether NVIDIA's own loops
+before the active ones (``nvlink_unsupported``)            (go-gpuallocator, k8s-device-plugin)
+                                                           go on past a link's error: not
+                                                           confirmed (not in the mirrors here;
+                                                           go-nvlib has no link loop)
 ``nvmlDeviceGetFieldValues``: the call succeeds and a      NVML API (nvmlFieldValue_t.nvmlReturn);
-field the driver cannot give says NOT_SUPPORTED in its     pynvml (field 230, action values)
-own ``nvmlReturn``; field 230 = the recovery action
+field the driver cannot give says NOT_SUPPORTED in its     pynvml (field 230, action values, the
+own ``nvmlReturn``; field 230 = the recovery action        (fieldId, scopeId) tuples); an unknown
+(``uiVal``, unsigned int); other IDs NOT_SUPPORTED too     field ID's answer: not confirmed
 A recovery-action change raises event 0x8000 with the      pynvml names the event type; the event
-action as data; a reset sets the action back to NONE       data and the reset are assumed
+action as data (before the XID it comes with); a reset     data, the order and the reset: assumed
+sets a supported field back to NONE                        (readers should re-read the field)
 mig-minors file layout and ``/dev/nvidia-caps`` minors     the kernel module's
                                                            /proc/driver/nvidia-caps/mig-minors
 =========================================================  ==========================================
@@ -81,10 +109,13 @@ mig-minors file layout and ``/dev/nvidia-caps`` minors     the kernel module's
 Not modelled (a real node may do it; tests here cannot show our code copes): GPU indexes
 renumbered when a GPU is unbound or drained (NVML's enumeration order is not guaranteed);
 NVLink error counters and link state changes; XID-specific driver behaviour beyond the
-recovery-action field (e.g. which calls fail after which XID); vGPU and confidential
-computing; persistence mode and driver reload timing; clocks, power, temperature and
-utilisation; the real latencies of calls and event waits; ``nvmlDeviceGetMemoryInfo_v2``
-and BAR1 memory; field IDs other than 230.
+recovery-action field (e.g. which calls fail after which XID, the XID catalog's own
+recovery semantics); MIG reconfiguration while running, and more than one compute
+instance per GPU instance; vGPU and confidential computing; persistence mode and driver
+reload timing; clocks, power, temperature and utilisation; the real latencies of calls
+and event waits (no timing here is a real one); ``nvmlDeviceGetMemoryInfo_v2`` and BAR1
+memory (their privilege rule is the same as ``nvmlDeviceGetMemoryInfo``'s); field IDs
+other than 230; a real ctypes array in ``nvmlDeviceGetGpuInstances`` (pass a list).
 """
 
 from __future__ import annotations
@@ -100,7 +131,7 @@ import re
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final, NoReturn
 
 import pynvml
@@ -114,13 +145,15 @@ from ._nvml import (
     text,
 )
 from ._sim_models import (
-    CI_PROFILE_SLICES,
     COMPUTE_SLICES,
+    DEFAULT_CI_PROFILES,
     KNOWN_MODELS,
     MODELS,
+    NVML_CI_PROFILE_SLICES,
     GiProfile,
     GpuModel,
-    ci_slices_in,
+    ci_profile_offered,
+    ci_slices_offered,
     mig_profile_names,
 )
 
@@ -139,6 +172,7 @@ __all__ = [
     "SimNodeSpec",
     "SimPciInfo",
     "SimPlacement",
+    "FAILABLE_CALLS",
     "SimulatedNVML",
     "load_node_file",
     "node_from",
@@ -385,11 +419,18 @@ class SimGpuSpec:
 @dataclasses.dataclass(frozen=True)
 class SimNodeSpec:
     """A simulated node: its GPUs in NVML index order.  Validated on construction:
-    ``ValueError`` names the key path (``gpus[1].mig[0]``) and what is allowed."""
+    ``ValueError`` names the key path (``gpus[1].mig[0]``) and what is allowed.
+
+    ``privileged`` is how the plugin's NVML calls are made (it is the caller's, not the
+    node's, but a node file is what ``--simulate`` reads): ``False``, the default, as in
+    a pod without SYS_ADMIN or the MIG monitor capability (``NVIDIA_MIG_MONITOR_DEVICES``
+    unset); ``True`` as root or with that capability.  It only matters on MIG-enabled
+    GPUs (see :meth:`SimulatedNVML.set_privileged`)."""
 
     name: str
     gpus: tuple[SimGpuSpec, ...]
     driver_version: str = "550.54.15"
+    privileged: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gpus", tuple(self.gpus))
@@ -419,10 +460,9 @@ class _Mig:
     gi_id: int
     ci_id: int
     start: int  # placement, in memory slices
-
-    @property
-    def ci_index(self) -> int:
-        return next(i for i, s in CI_PROFILE_SLICES.items() if s == self.ci_slices)
+    # The CI profile index (NVML_COMPUTE_INSTANCE_PROFILE_*): the part's first offered
+    # index with this many slices, so 1_SLICE before 1_SLICE_REV1 where both are offered.
+    ci_index: int
 
     @property
     def ci_sms(self) -> int:
@@ -449,7 +489,10 @@ class _Gpu:
     supported_events: int
     pci_device_id: int
     mig_profiles: tuple[GiProfile, ...]  # empty: not MIG-capable
+    model: GpuModel | None  # None: a model the simulator does not know
     max_migs: int  # MIG devices the part holds at most (its compute slices)
+    nvlink_count: int  # link numbers the part has: 0..nvlink_count-1 are valid
+    spec_events: int  # the spec's supported_events, before the recovery-action bit
     mig_enabled: bool
     migs: tuple[_Mig, ...]
     # Mutable state, under SimulatedNVML's lock.
@@ -467,7 +510,7 @@ class _Gpu:
 
     def link_number(self, nth: int) -> int:
         """The link number of the ``nth`` active link (counting past unsupported ones)."""
-        numbers = [n for n in range(pynvml.NVML_NVLINK_MAX_LINKS) if n not in self.unsupported_links]
+        numbers = [n for n in range(self.nvlink_count) if n not in self.unsupported_links]
         return numbers[nth]
 
     def active_link(self, link: int) -> int | None:
@@ -522,7 +565,7 @@ def _parse_mig(model: GpuModel, spec: str) -> tuple[GiProfile, int] | None:
     if gi is None:
         return None
     ci_slices = gi.slices if ci is None else int(ci)
-    if ci_slices not in ci_slices_in(gi) or (ci is not None and ci_slices == gi.slices):
+    if ci_slices not in ci_slices_offered(model, gi) or (ci is not None and ci_slices == gi.slices):
         return None  # "7c.7g.40gb" is spelled "7g.40gb", as NVIDIA names it
     return gi, ci_slices
 
@@ -594,8 +637,10 @@ def _resolve_mig(node: SimNodeSpec, i: int, spec: SimGpuSpec, model: GpuModel | 
     migs = []
     for slot, ((gi, ci_slices), start, text_) in enumerate(zip(parsed, starts, spec.mig)):
         mig_uuid = f"MIG-{uuidlib.uuid5(_UUID_NAMESPACE, f'{node.name}/{i}/mig{slot}')}"
+        ci_index = next(i for i in model.ci_profiles if NVML_CI_PROFILE_SLICES.get(i) == ci_slices)
         # One CI per GI, so every CI ID is 0, as the driver's first CI in a GI gets.
-        migs.append(_Mig(slot, mig_uuid, text_, gi, ci_slices, _gi_id(model, gi, start), 0, start))
+        migs.append(_Mig(slot, mig_uuid, text_, gi, ci_slices, _gi_id(model, gi, start), 0, start,
+                         ci_index))
     return tuple(migs)
 
 
@@ -606,6 +651,8 @@ def _resolve(node: SimNodeSpec) -> tuple[list[_Gpu], list[str]]:
         raise _SpecError("name", "must be a non-empty string")
     if not isinstance(node.driver_version, str) or not node.driver_version:
         raise _SpecError("driver_version", 'must be a non-empty string such as "550.54.15"')
+    if not isinstance(node.privileged, bool):
+        raise _SpecError("privileged", f"must be true or false, not {node.privileged!r}")
     gpus: list[_Gpu] = []
     uuids: dict[str, int] = {}
     minors: dict[int, int] = {}
@@ -691,15 +738,21 @@ def _resolve(node: SimNodeSpec) -> tuple[list[_Gpu], list[str]]:
                 f"{spec.name} has {max_links} NVLinks")
             raise _SpecError(f"{key}.{what}", f"{len(links)} active links, but {has}")
 
+        # Link numbers run 0..max_links-1: the part's own count (an unknown model may use
+        # every number NVML has, NVML_NVLINK_MAX_LINKS).
         unsupported = spec.nvlink_unsupported
-        if (not all(_is_int(n) and 0 <= n < pynvml.NVML_NVLINK_MAX_LINKS for n in unsupported)
+        if max_links == 0 and unsupported:
+            raise _SpecError(f"{key}.nvlink_unsupported", f"{spec.name} has no NVLink (its "
+                                                          "link queries all say NOT_SUPPORTED)")
+        if (not all(_is_int(n) and 0 <= n < max_links for n in unsupported)
                 or len(set(unsupported)) != len(unsupported)):
-            raise _SpecError(f"{key}.nvlink_unsupported", "must be distinct link numbers "
-                                                          f"0..{pynvml.NVML_NVLINK_MAX_LINKS - 1}")
-        if len(links) + len(unsupported) > pynvml.NVML_NVLINK_MAX_LINKS:
+            raise _SpecError(f"{key}.nvlink_unsupported", f"must be distinct link numbers "
+                                                          f"0..{max_links - 1} ({spec.name}'s)")
+        if len(links) + len(unsupported) > max_links:
             raise _SpecError(f"{key}.nvlink_unsupported", f"{len(links)} active links do not fit "
                                                           f"beside {len(unsupported)} unsupported "
-                                                          f"link numbers")
+                                                          f"link numbers in {spec.name}'s "
+                                                          f"{max_links}")
         action = spec.recovery_action
         if action is not None and (not _is_int(action) or not 0 <= action < 2**32):
             raise _SpecError(f"{key}.recovery_action", "must be an NVML_GPU_RECOVERY_ACTION_* "
@@ -718,8 +771,9 @@ def _resolve(node: SimNodeSpec) -> tuple[list[_Gpu], list[str]]:
             nvswitches=(model.nvswitches if model is not None and model.nvswitches else 6),
             supported_events=events,
             pci_device_id=model.pci_device_id if model is not None else 0x000010DE,
-            mig_profiles=model.mig if model is not None else (),
+            mig_profiles=model.mig if model is not None else (), model=model,
             max_migs=model.compute_slices if model is not None else COMPUTE_SLICES,
+            nvlink_count=max_links, spec_events=spec.supported_events,
             mig_enabled=spec.mig is not None, migs=migs))
         for mig in migs:
             uuids[mig.uuid] = i
@@ -787,7 +841,7 @@ PRESETS: Final[dict[str, SimNodeSpec]] = _presets()
 # --------------------------------------------------------------------------------------
 # Node files
 
-_NODE_KEYS: Final = ("name", "driver_version", "gpus")
+_NODE_KEYS: Final = ("name", "driver_version", "privileged", "gpus")
 _GPU_KEYS: Final = ("model", "uuid", "memory_mib", "compute_capability", "pci_bus_id",
                     "numa_node", "minor", "nvlinks", "nvswitch_links", "pcie_switch", "mig",
                     "supported_events", "nvlink_unsupported", "recovery_action")
@@ -946,6 +1000,7 @@ def load_node_file(path: str | os.PathLike[str]) -> SimNodeSpec:
 
         name: my-node                 # optional: the file's stem
         driver_version: "550.54.15"   # optional
+        privileged: false             # optional: NVML calls as a pod without SYS_ADMIN
         gpus:
           - model: NVIDIA A100-SXM4-40GB
             numa_node: 0
@@ -971,9 +1026,12 @@ def load_node_file(path: str | os.PathLike[str]) -> SimNodeSpec:
         reader.fail("gpus", f"must be a list of GPUs; got {_kind(raw['gpus'])}")
     name = reader.string(raw.get("name", file.stem), "name", '"my-node"')
     driver = reader.string(raw.get("driver_version", "550.54.15"), "driver_version", '"550.54.15"')
+    privileged = raw.get("privileged", False)
+    if not isinstance(privileged, bool):
+        reader.fail("privileged", f"must be true or false; got {privileged!r}")
     gpus = tuple(reader.gpu(g, f"gpus[{i}]") for i, g in enumerate(raw["gpus"]))
     try:
-        return SimNodeSpec(name, gpus, driver)
+        return SimNodeSpec(name, gpus, driver, privileged)
     except _SpecError as exc:
         reader.fail(exc.path, exc.problem)
 
@@ -1056,6 +1114,24 @@ class _EventSet(_Handle):
         return f"<simulated nvmlEventSet_t{' (freed)' if self.freed else ''}>"
 
 
+def _write_out(items_ref: Any, count_ref: Any, found: list[Any]) -> None:
+    """Fill a C-style call's out parameters: ``found`` into ``items_ref`` and its length
+    into ``count_ref`` (a ctypes integer, or ``byref()`` of one); ``InvalidArgument``
+    for a missing or too small buffer, as NVML answers a bad pointer or count, before
+    anything is written."""
+    count = getattr(count_ref, "_obj", count_ref)  # byref() keeps the object in _obj
+    if items_ref is None or not hasattr(count, "value"):
+        raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+    try:
+        if len(items_ref) < len(found):
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        for i, item in enumerate(found):
+            items_ref[i] = item
+    except TypeError:
+        raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT) from None
+    count.value = len(found)
+
+
 def _error(code: int) -> Exception:
     """pynvml's own exception for an NVML return code (``NVMLError_NotFound``...)."""
     error: Exception = pynvml.NVMLError(code)
@@ -1073,6 +1149,9 @@ class SimulatedNVML:
         node: the node (see :data:`PRESETS`, :func:`load_node_file`).
         init_error: an ``NVML_ERROR_*`` code ``nvmlInit`` raises (e.g.
             ``pynvml.NVML_ERROR_LIBRARY_NOT_FOUND``), as on a node without a driver.
+        privileged: whether the caller is privileged (:meth:`set_privileged`); ``None``
+            (the default) takes the node's :attr:`SimNodeSpec.privileged`, which is
+            ``False`` unless a node file says otherwise.
 
     Thread-safe: NVML calls come from worker threads while tests inject faults from the
     trio thread.  For assertions: :attr:`init_count`, :attr:`open_event_sets`,
@@ -1081,9 +1160,9 @@ class SimulatedNVML:
     """
 
     def __init__(self, node: SimNodeSpec, *, init_error: int | None = None,
-                 privileged: bool = False) -> None:
+                 privileged: bool | None = None) -> None:
         self.node = node
-        self._privileged = privileged
+        self._privileged = node.privileged if privileged is None else bool(privileged)
         self._shutdown_under_live_call = 0
         self._in_calls = 0  # threads inside a call that released the lock (hung, waiting)
         self._current = ""  # the NVML method being served (lock held)
@@ -1146,8 +1225,13 @@ class SimulatedNVML:
     def set_privileged(self, privileged: bool) -> None:
         """Privileged (root with SYS_ADMIN, or the MIG monitor capability that
         ``NVIDIA_MIG_MONITOR_DEVICES=all`` gives) or not (the default, as a pod without
-        them): unprivileged, a MIG-enabled GPU's aggregate memory and the GPU/compute
-        instance lookups answer NO_PERMISSION (NVML API reference)."""
+        them).  Unprivileged, on a MIG-enabled GPU: ``nvmlDeviceGetMemoryInfo`` on the
+        parent handle, ``nvmlDeviceGetGpuInstanceById``, ``nvmlDeviceGetGpuInstances``,
+        ``nvmlGpuInstanceGetComputeInstanceById`` and
+        ``nvmlGpuInstanceGetComputeInstances`` answer NO_PERMISSION (NVML API
+        reference); MIG device handles by index, their UUID, name, memory, GI/CI IDs and
+        attributes, and the profile tables answer anyone.  GPUs with MIG off answer
+        anyone."""
         with self._cond:
             self._privileged = privileged
 
@@ -1227,6 +1311,7 @@ class SimulatedNVML:
             self._block_while_hung(gpu)
             if gpu.lost:
                 raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)
+            self._check_failure(gpu, self._current)
             return gpu, gpu.migs[instance.slot]
         raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
 
@@ -1368,15 +1453,17 @@ class SimulatedNVML:
             return self._device(handle)[0].compute_capability
 
     def nvmlDeviceGetNvLinkState(self, handle: Any, link: int) -> int:
-        """1 for an active link, 0 for an inactive one (links 0..NVML_NVLINK_MAX_LINKS-1);
-        ``NotSupported`` on GPUs without NVLink and for the spec's ``nvlink_unsupported``
-        link numbers (which may come before active ones)."""
+        """1 for an active link, 0 for an inactive one; ``InvalidArgument`` for a link
+        number past the part's link count (A100: 12, H100: 18; an unknown model:
+        NVML_NVLINK_MAX_LINKS); ``NotSupported`` on GPUs without NVLink and for the
+        spec's ``nvlink_unsupported`` link numbers (which may come before active ones)."""
         with self._cond:
             self._enter("nvmlDeviceGetNvLinkState")
             gpu = self._gpu(handle)
             if not gpu.nvlink_capable:
                 raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
-            if not _is_int(link) or not 0 <= link < pynvml.NVML_NVLINK_MAX_LINKS:
+            if not _is_int(link) or not 0 <= link < gpu.nvlink_count:
+                # Past the part's own links, not NVML_NVLINK_MAX_LINKS (see the table).
                 raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
             if link in gpu.unsupported_links:
                 raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
@@ -1390,7 +1477,8 @@ class SimulatedNVML:
             gpu = self._gpu(handle)
             if not gpu.nvlink_capable:
                 raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
-            if not _is_int(link) or not 0 <= link < pynvml.NVML_NVLINK_MAX_LINKS:
+            if not _is_int(link) or not 0 <= link < gpu.nvlink_count:
+                # Past the part's own links, not NVML_NVLINK_MAX_LINKS (see the table).
                 raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
             nth_link = gpu.active_link(link)
             if nth_link is None:
@@ -1430,7 +1518,8 @@ class SimulatedNVML:
             return [mode, mode]
 
     def nvmlDeviceGetMaxMigDeviceCount(self, handle: Any) -> int:
-        """7 with MIG on; 0 when MIG is off or unsupported (NVML's documented answer)."""
+        """The part's compute slices with MIG on (7; A30: 4), the most MIG devices it
+        holds; 0 when MIG is off or unsupported (NVML's documented answer)."""
         with self._cond:
             self._enter("nvmlDeviceGetMaxMigDeviceCount")
             gpu = self._gpu(handle)
@@ -1503,6 +1592,27 @@ class SimulatedNVML:
                     return _GpuInstance(self, gpu.index, mig.slot)
             raise _error(pynvml.NVML_ERROR_NOT_FOUND)
 
+    def nvmlDeviceGetGpuInstances(self, device: Any, profileId: int, gpuInstancesRef: Any,
+                                  countRef: Any) -> int:
+        """The GPU instances of one GI profile (by profile ID, as
+        ``nvmlDeviceGetGpuInstanceProfileInfo`` reports it), written as pynvml's C-style
+        call writes them: the instances into ``gpuInstancesRef[0..]`` (here a list or any
+        sequence that takes item assignment: a ctypes array of ``c_nvmlGpuInstance_t``
+        cannot hold a simulated handle) and their count into ``countRef`` (a ``c_uint``
+        or ``byref()`` of one).  Privileged, as ``nvmlDeviceGetGpuInstanceById`` is."""
+        with self._cond:
+            self._enter("nvmlDeviceGetGpuInstances")
+            gpu = self._gpu(device)
+            if not gpu.mig_enabled:
+                raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            self._refuse_unprivileged()  # NVML API reference: "Requires privileged user"
+            profile = next((p for p in gpu.mig_profiles if p.id == profileId), None)
+            if profile is None:
+                raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+            found = [_GpuInstance(self, gpu.index, m.slot) for m in gpu.migs if m.gi is profile]
+            _write_out(gpuInstancesRef, countRef, found)
+            return int(pynvml.NVML_SUCCESS)
+
     def nvmlGpuInstanceGetInfo(self, gpu_instance: Any) -> Any:
         """A GPU instance's ID, profile ID and placement."""
         with self._cond:
@@ -1540,6 +1650,22 @@ class SimulatedNVML:
                 raise _error(pynvml.NVML_ERROR_NOT_FOUND)
             return _ComputeInstance(self, gpu.index, mig.slot)
 
+    def nvmlGpuInstanceGetComputeInstances(self, gpuInstance: Any, profileId: int,
+                                           computeInstancesRef: Any, countRef: Any) -> int:
+        """The compute instances of one CI profile (by ID, which for a CI profile is its
+        index) in a GPU instance, written out as :meth:`nvmlDeviceGetGpuInstances`
+        writes them.  Privileged (NVML API reference: "Requires privileged user")."""
+        with self._cond:
+            self._enter("nvmlGpuInstanceGetComputeInstances")
+            gpu, mig = self._instance(gpuInstance, _GpuInstance)
+            self._refuse_unprivileged()
+            assert gpu.model is not None  # MIG devices exist only on known models
+            if not _is_int(profileId) or not ci_profile_offered(gpu.model, mig.gi, profileId):
+                raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+            found = [_ComputeInstance(self, gpu.index, mig.slot)] if mig.ci_index == profileId else []
+            _write_out(computeInstancesRef, countRef, found)
+            return int(pynvml.NVML_SUCCESS)
+
     def nvmlComputeInstanceGetInfo(self, compute_instance: Any) -> Any:
         """A compute instance's ID, profile ID (its CI profile index) and placement."""
         with self._cond:
@@ -1552,17 +1678,20 @@ class SimulatedNVML:
     def nvmlGpuInstanceGetComputeInstanceProfileInfo(
             self, gpu_instance: Any, profile: int, eng_profile: int) -> Any:
         """A compute instance profile by index (``NVML_COMPUTE_INSTANCE_PROFILE_*``) in a
-        GPU instance: ``NotSupported`` for ones bigger than the GI or absent on A100/H100."""
+        GPU instance: ``NotSupported`` for an index the part does not offer
+        (:attr:`GpuModel.ci_profiles`: 1_SLICE_REV1 and 7_SLICE_NVL on every simulated
+        part) or one bigger than the GI (or 3 slices in a 4-slice GI)."""
         with self._cond:
             self._enter("nvmlGpuInstanceGetComputeInstanceProfileInfo")
-            _, mig = self._instance(gpu_instance, _GpuInstance)
+            gpu, mig = self._instance(gpu_instance, _GpuInstance)
             if (not _is_int(profile) or not 0 <= profile < pynvml.NVML_COMPUTE_INSTANCE_PROFILE_COUNT
                     or eng_profile != pynvml.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED):
                 raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-            slices = CI_PROFILE_SLICES.get(profile)
             gi = mig.gi
-            if slices is None or slices not in ci_slices_in(gi):
+            assert gpu.model is not None  # MIG devices exist only on known models
+            if not ci_profile_offered(gpu.model, gi, profile):
                 raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            slices = NVML_CI_PROFILE_SLICES[profile]
             sms = gi.sms if slices == gi.slices else slices * (gi.sms // gi.slices)
             name = gi.name if slices == gi.slices else f"{slices}c.{gi.name}"
             return SimComputeInstanceProfileInfo(
@@ -1847,27 +1976,39 @@ class SimulatedNVML:
 
     def set_recovery_action(self, gpu: int | str, action: int | None) -> None:
         """The driver's recovery action for the GPU (``NVML_GPU_RECOVERY_ACTION_*``), or
-        ``None``: a driver that does not report the field."""
+        ``None``: a driver that does not report the field.  A change to a value raises
+        event 0x8000 on the sets registered for it.  The GPU lists 0x8000 among its
+        supported events exactly while the field is supported (or its spec's
+        ``supported_events`` lists it); registrations made meanwhile stay."""
         if action is not None and (not _is_int(action) or not 0 <= action < 2**32):
             raise ValueError(f"recovery action must be an NVML_GPU_RECOVERY_ACTION_* value "
                              f"or None, not {action!r}")
         with self._cond:
             target = self._lookup(gpu)[0]
-            if action is not None:
-                target.supported_events |= EVENT_RECOVERY_ACTION
+            target.supported_events = target.spec_events | (
+                EVENT_RECOVERY_ACTION if action is not None else 0)
             self._set_action(target, action)
 
-    def fail(self, gpu: int | str, calls: Any, code: int) -> None:
+    def fail(self, gpu: int | str, calls: Iterable[str] | str, code: int) -> None:
         """Make these NVML methods fail with ``code`` (``NVML_ERROR_*``) whenever they
-        name this GPU (or its MIG devices), until :meth:`unfail`: a GPU that answers some
-        queries and not others, as one falling off the bus during discovery does."""
+        name this GPU (or its MIG devices, or their GPU/compute instances), until
+        :meth:`unfail`: a GPU that answers some queries and not others, as one falling
+        off the bus during discovery does (its handle and UUID, then not its minor
+        number).  Calls add up: a later ``fail`` adds names or changes their code.
+
+        ``calls`` are method names (:data:`FAILABLE_CALLS`: the NVML calls the simulator
+        has that name a device; ``nvmlInit``, ``nvmlDeviceGetCount`` and the event set
+        calls name none, so they cannot fail for one GPU).  ``ValueError`` lists the
+        valid names for any other, and for a ``code`` that is not an error code;
+        ``KeyError`` for an unknown GPU.  Nothing changes on an error."""
         names = [calls] if isinstance(calls, str) else list(calls)
-        known = sorted(n for n in dir(type(self)) if n.startswith("nvml"))
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise ValueError(f"not NVML calls the simulator has: {unknown}; valid: {', '.join(known)}")
+        unknown = [n for n in names if n not in FAILABLE_CALLS]
+        if unknown or not names:
+            raise ValueError(f"not NVML calls that name a GPU in the simulator: "
+                             f"{unknown or 'none given'}; valid: {', '.join(FAILABLE_CALLS)}")
         if not _is_int(code) or code <= 0:
-            raise ValueError(f"code must be an NVML_ERROR_* value, not {code!r}")
+            raise ValueError(f"code must be an NVML_ERROR_* value (a positive integer, e.g. "
+                             f"{pynvml.NVML_ERROR_GPU_IS_LOST} for GPU_IS_LOST), not {code!r}")
         with self._cond:
             target = self._lookup(gpu)[0]
             target.failures.update(dict.fromkeys(names, code))
@@ -1972,6 +2113,15 @@ class SimulatedNVML:
             for mig in gpu.migs:
                 (cap_dir / f"nvidia-cap{_cap_minor(gpu.minor, mig.gi_id)}").touch()
                 (cap_dir / f"nvidia-cap{_cap_minor(gpu.minor, mig.gi_id, mig.ci_id)}").touch()
+
+
+#: The NVML methods :meth:`SimulatedNVML.fail` can make fail for one GPU: every one the
+#: simulator has except those that name no device.
+FAILABLE_CALLS: Final[tuple[str, ...]] = tuple(sorted(
+    name for name in vars(SimulatedNVML)
+    if re.match(r"nvml[A-Z]", name) and name not in {
+        "nvmlInit", "nvmlShutdown", "nvmlSystemGetDriverVersion", "nvmlDeviceGetCount",
+        "nvmlEventSetCreate", "nvmlEventSetWait_v2", "nvmlEventSetFree"}))
 
 
 def _cap_minor(gpu_minor: int, gi: int, ci: int | None = None) -> int:

@@ -27,7 +27,9 @@ __all__ = [
     "NVML_CI_PROFILE_SLICES",
     "GiProfile",
     "GpuModel",
+    "ci_profile_offered",
     "ci_slices_in",
+    "ci_slices_offered",
     "mig_profile_names",
 ]
 
@@ -35,23 +37,32 @@ __all__ = [
 #: Parts that split otherwise (A30: 4 and 4) say so in :class:`GpuModel`.
 COMPUTE_SLICES: Final = 7
 MEMORY_SLICES: Final = 8
-#: Compute instance profile index -> slice count (``NVML_COMPUTE_INSTANCE_PROFILE_*``),
-#: for the indexes the simulator offers today: it answers
-#: ``nvmlGpuInstanceGetComputeInstanceProfileInfo`` for an index here whose slice count
-#: the GI supports (:func:`ci_slices_in`), so the slice count alone decides.  The two
-#: later indexes, 1_SLICE_REV1 and 7_SLICE_NVL, are in :data:`NVML_CI_PROFILE_SLICES`
-#: and not here, because no simulated part offers them and, here, the simulator would
-#: offer them on every GI with 1 or 7 slices; they move here when the simulator offers
-#: CI profiles by :attr:`GpuModel.ci_profiles`.
-CI_PROFILE_SLICES: Final = {0: 1, 1: 2, 2: 3, 3: 4, 4: 7, 5: 8, 6: 6}
-#: Every CI profile index pynvml defines -> slices (NVML's ``nvml.h``; go-nvlib's
-#: ``NewMigProfile`` maps 1_SLICE_REV1 to 1 and 7_SLICE_NVL to 7 slices).  Insertion
-#: order keeps the first index of each slice count first, as the simulator's reverse
-#: lookup (slices -> index) expects.
-NVML_CI_PROFILE_SLICES: Final = {**CI_PROFILE_SLICES, 7: 1, 8: 7}
+#: Every compute instance profile index pynvml defines -> its slice count
+#: (``NVML_COMPUTE_INSTANCE_PROFILE_*`` in ``nvml.h``; go-nvlib's ``NewMigProfile`` maps
+#: 1_SLICE_REV1 to 1 and 7_SLICE_NVL to 7 slices).  Insertion order keeps the first
+#: index of each slice count first, so a reverse lookup (slices -> index) over it finds
+#: the plain profile before its revision.
+NVML_CI_PROFILE_SLICES: Final[Mapping[int, int]] = {
+    pynvml.NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE: 1,
+    pynvml.NVML_COMPUTE_INSTANCE_PROFILE_2_SLICE: 2,
+    pynvml.NVML_COMPUTE_INSTANCE_PROFILE_3_SLICE: 3,
+    pynvml.NVML_COMPUTE_INSTANCE_PROFILE_4_SLICE: 4,
+    pynvml.NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE: 7,
+    pynvml.NVML_COMPUTE_INSTANCE_PROFILE_8_SLICE: 8,
+    pynvml.NVML_COMPUTE_INSTANCE_PROFILE_6_SLICE: 6,
+    pynvml.NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE_REV1: 1,
+    pynvml.NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE_NVL: 7,
+}
+#: The table the simulator answers ``nvmlGpuInstanceGetComputeInstanceProfileInfo``
+#: from: the complete one.  Which indexes a part offers is its
+#: :attr:`GpuModel.ci_profiles`, and within a GI those whose slice count
+#: :func:`ci_slices_in` allows, so listing an index here offers it nowhere by itself.
+CI_PROFILE_SLICES: Final = NVML_CI_PROFILE_SLICES
 #: CI slice counts all the simulated parts offer; a 4-slice GI has no 3-slice CI.
 CI_SUPPORTED_SLICES: Final = (1, 2, 3, 4, 7)
-#: CI profile indexes every simulated part offers (1, 2, 3, 4 and 7 slices).
+#: CI profile indexes every simulated part offers (1, 2, 3, 4 and 7 slices).  None is
+#: modelled with 1_SLICE_REV1 or 7_SLICE_NVL: no reading here shows a part offering
+#: them (assumed absent; a part that does would list them in its ``ci_profiles``).
 DEFAULT_CI_PROFILES: Final = (0, 1, 2, 3, 4)
 
 # --------------------------------------------------------------------------------------
@@ -274,10 +285,24 @@ def mig_profile_names(model: GpuModel) -> list[str]:
     names = []
     for gi in sorted(model.mig, key=lambda p: (p.slices, p.memory_mb, p.index)):
         names.append(gi.name)
-        names.extend(f"{c}c.{gi.name}" for c in ci_slices_in(gi) if c < gi.slices)
+        names.extend(f"{c}c.{gi.name}" for c in ci_slices_offered(model, gi) if c < gi.slices)
     return names
 
 
 def ci_slices_in(gi: GiProfile) -> list[int]:
     """CI slice counts a GI of this profile supports (``+me`` profiles are 1-slice)."""
     return [c for c in CI_SUPPORTED_SLICES if c <= gi.slices and not (c == 3 and gi.slices == 4)]
+
+
+def ci_profile_offered(model: GpuModel, gi: GiProfile, index: int) -> bool:
+    """Whether a GI of this profile on ``model`` offers CI profile ``index``: the part
+    offers the index (:attr:`GpuModel.ci_profiles`) and the GI its slice count."""
+    slices = NVML_CI_PROFILE_SLICES.get(index)
+    return index in model.ci_profiles and slices is not None and slices in ci_slices_in(gi)
+
+
+def ci_slices_offered(model: GpuModel, gi: GiProfile) -> list[int]:
+    """CI slice counts a GI of this profile on ``model`` offers through some CI profile
+    index of the part's."""
+    return [c for c in ci_slices_in(gi)
+            if any(NVML_CI_PROFILE_SLICES.get(i) == c for i in model.ci_profiles)]
