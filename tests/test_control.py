@@ -13,7 +13,7 @@ import os
 import pathlib
 import socket
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import pytest
@@ -64,10 +64,14 @@ class FakeTarget:
         self.calls.append(call)
 
     def xid(
-        self, gpu: int | str, xid: int, *, gi: int | None = None, ci: int | None = None
+        self, gpu: int | str, xid: int, *, gi: int | None = None, ci: int | None = None,
+        recovery_action: int | None = None,
     ) -> None:
         self.gpu_index(gpu)
-        self._record("xid", gpu, xid, gi, ci)
+        if recovery_action is None:
+            self._record("xid", gpu, xid, gi, ci)
+        else:
+            self._record("xid", gpu, xid, gi, ci, recovery_action)
 
     def ecc_dbe(self, gpu: int | str) -> None:
         self.gpu_index(gpu)
@@ -108,6 +112,18 @@ class FakeTarget:
     def add_ecc_errors(self, gpu: int | str, count: int, *, corrected: bool = False) -> None:
         self.gpu_index(gpu)
         self._record("add_ecc_errors", gpu, count, corrected)
+
+    def fail(self, gpu: int | str, calls: Iterable[str] | str, code: int) -> None:
+        self.gpu_index(gpu)
+        names = [calls] if isinstance(calls, str) else list(calls)
+        if "nvmlNoSuchCall" in names:
+            raise ValueError("not NVML calls that name a GPU in the simulator: "
+                             "['nvmlNoSuchCall']; valid: nvmlDeviceGetMinorNumber, ...")
+        self._record("fail", gpu, tuple(names), code)
+
+    def unfail(self, gpu: int | str) -> None:
+        self.gpu_index(gpu)
+        self._record("unfail", gpu)
 
     def nvml_down(self) -> None:
         self._record("nvml_down")
@@ -228,6 +244,15 @@ def test_fake_is_a_fault_target() -> None:
         ({"op": "ecc-errors", "gpu": 0, "count": 3}, ("add_ecc_errors", 0, 3, False)),
         ({"op": "ecc-errors", "gpu": 0, "count": 1, "corrected": True},
          ("add_ecc_errors", 0, 1, True)),
+        ({"op": "xid", "gpu": 1, "xid": 79, "action": "drain_and_reset"},
+         ("xid", 1, 79, None, None, 4)),
+        ({"op": "fail", "gpu": 1, "calls": ["nvmlDeviceGetMinorNumber"], "code": "gpu_is_lost"},
+         ("fail", 1, ("nvmlDeviceGetMinorNumber",), 15)),
+        ({"op": "fail", "gpu": 0, "calls": "nvmlDeviceGetUUID", "code": "NVML_ERROR_UNKNOWN"},
+         ("fail", 0, ("nvmlDeviceGetUUID",), 999)),
+        ({"op": "fail", "gpu": 0, "calls": ["nvmlDeviceGetName", "nvmlDeviceGetUUID"], "code": 4},
+         ("fail", 0, ("nvmlDeviceGetName", "nvmlDeviceGetUUID"), 4)),
+        ({"op": "unfail", "gpu": "GPU-11111111-bbbb"}, ("unfail", "GPU-11111111-bbbb")),
         ({"op": "nvml-down"}, ("nvml_down",)),
         ({"op": "nvml-up"}, ("nvml_up",)),
     ],
@@ -292,7 +317,7 @@ async def test_last_line_without_newline_is_answered_at_eof(
 # --- errors ----------------------------------------------------------------------------
 
 VALID_OPS = ["xid", "ecc-dbe", "lost", "recover", "hang", "unhang", "pending", "recovery-action",
-             "ecc-errors", "nvml-down", "nvml-up", "list"]
+             "ecc-errors", "fail", "unfail", "nvml-down", "nvml-up", "list"]
 
 
 @pytest.mark.parametrize(
@@ -396,7 +421,9 @@ async def test_bad_request_is_answered_with_what_is_wrong(
 async def test_error_quotes_a_huge_value_shortened(connect: Connect, control: pathlib.Path) -> None:
     client = await connect(control)
     answer = await client.ask({"op": "x" * 10000})
-    assert len(answer["error"]) < 200 and answer["error"].startswith('unknown op "xxx')
+    # The value is quoted shortened (60 characters); the list of valid ops follows it.
+    quoted = answer["error"].removesuffix("; valid ops: " + ", ".join(CONTROL_OPS))
+    assert len(quoted) < 80 and quoted.startswith('unknown op "xxx')
 
 
 async def test_target_refusal_is_a_bad_request(
@@ -717,6 +744,18 @@ def test_control_ops() -> None:
         ({"op": "recovery-action", "gpu": 0, "action": 99}, "must be one of"),
         ({"op": "ecc-errors", "gpu": 0}, 'needs "count"'),
         ({"op": "ecc-errors", "gpu": 0, "count": -1}, "non-negative integer"),
+        ({"op": "xid", "gpu": 0, "xid": 79, "action": None}, 'not null (use op "recovery-action"'),
+        ({"op": "xid", "gpu": 0, "xid": 79, "action": "reboot"}, "must be one of bus_reset"),
+        ({"op": "fail", "gpu": 0, "code": "unknown"}, 'needs "calls"'),
+        ({"op": "fail", "gpu": 0, "calls": ["nvmlDeviceGetUUID"]}, 'needs "code"'),
+        ({"op": "fail", "gpu": 0, "calls": [], "code": 1}, "non-empty list of NVML method names"),
+        ({"op": "fail", "gpu": 0, "calls": [7], "code": 1}, "non-empty list of NVML method names"),
+        ({"op": "fail", "gpu": 0, "calls": ["nvmlDeviceGetUUID"], "code": "lost"},
+         "must be an NVML error: one of "),
+        ({"op": "fail", "gpu": 0, "calls": ["nvmlDeviceGetUUID"], "code": 0}, "gpu_is_lost"),
+        ({"op": "fail", "gpu": 0, "calls": ["nvmlNoSuchCall"], "code": 1},
+         "valid: nvmlDeviceGetMinorNumber"),
+        ({"op": "fail", "gpu": 9, "calls": ["nvmlDeviceGetUUID"], "code": 1}, "unknown GPU 9"),
     ],
 )
 async def test_new_fault_ops_say_what_is_wrong(
@@ -770,3 +809,51 @@ def test_request_from_args_for_the_lasting_damage_and_recovery_action_ops() -> N
         "op": "ecc-errors", "gpu": 1, "count": 4, "corrected": True}
     assert request_from_args("pending", "1", *none, row_remap_failed=True) == {
         "op": "pending", "gpu": 1, "row_remap_failed": True}
+
+
+def test_request_from_args_for_the_fail_ops() -> None:
+    none = (None,) * 5
+    assert request_from_args("fail", "2", *none, calls="nvmlDeviceGetMinorNumber, nvmlDeviceGetName",
+                             code="gpu_is_lost") == {
+        "op": "fail", "gpu": 2, "calls": ["nvmlDeviceGetMinorNumber", "nvmlDeviceGetName"],
+        "code": "gpu_is_lost"}
+    assert request_from_args("fail", "2", *none, calls=["nvmlDeviceGetUUID"], code="15") == {
+        "op": "fail", "gpu": 2, "calls": ["nvmlDeviceGetUUID"], "code": 15}
+    assert request_from_args("unfail", "2", *none) == {"op": "unfail", "gpu": 2}
+    assert request_from_args("xid", "1", 79, None, None, None, None, action="gpu_reset") == {
+        "op": "xid", "gpu": 1, "xid": 79, "action": "gpu_reset"}
+
+
+async def test_the_new_ops_reach_a_real_simulator(socket_dir: pathlib.Path) -> None:
+    # The fake pins the protocol; this, that SimulatedNVML takes what the server passes.
+    import pynvml
+
+    from trio_gpu_plugin._nvml_sim import SimGpuSpec, SimNodeSpec, SimulatedNVML
+
+    sim = SimulatedNVML(SimNodeSpec("ctl", (SimGpuSpec(recovery_action=0), SimGpuSpec())))
+    sim.nvmlInit()
+    path = socket_dir / "control.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_control, sim, path)
+        ask = send_control
+        assert await ask(path, {"op": "fail", "gpu": 1, "calls": ["nvmlDeviceGetMinorNumber"],
+                                "code": "gpu_is_lost"}) == {"ok": True}
+        gpu = sim.nvmlDeviceGetHandleByIndex(1)
+        with pytest.raises(pynvml.NVMLError_GpuIsLost):
+            sim.nvmlDeviceGetMinorNumber(gpu)
+        refused = await ask(path, {"op": "fail", "gpu": 1, "calls": ["nvmlDeviceGetMinor"],
+                                   "code": 1})
+        assert refused["ok"] is False and "nvmlDeviceGetMinorNumber" in refused["error"]
+        assert await ask(path, {"op": "unfail", "gpu": 1}) == {"ok": True}
+        assert sim.nvmlDeviceGetMinorNumber(gpu) == 1
+        assert await ask(path, {"op": "xid", "gpu": 0, "xid": 48, "action": "gpu_reset"}) == {
+            "ok": True}
+        [value] = sim.nvmlDeviceGetFieldValues(sim.nvmlDeviceGetHandleByIndex(0),
+                                               [pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION])
+        assert value.value.uiVal == pynvml.NVML_GPU_RECOVERY_ACTION_GPU_RESET
+        assert await ask(path, {"op": "ecc-errors", "gpu": 0, "count": 2}) == {"ok": True}
+        assert await ask(path, {"op": "pending", "gpu": 0, "row_remap_failed": True}) == {
+            "ok": True}
+        assert sim.nvmlDeviceGetRemappedRows(sim.nvmlDeviceGetHandleByIndex(0))[3] == 1
+        nursery.cancel_scope.cancel()
+    sim.nvmlShutdown()

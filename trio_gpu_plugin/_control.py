@@ -13,23 +13,37 @@ Requests are JSON objects, one per line (UTF-8, each ending in ``\\n``); a conne
 send any number of them.  ``gpu`` is a GPU index (``3`` or ``"3"``), a GPU UUID or a MIG
 device UUID (for ``xid``: an error on that MIG instance)::
 
-    {"op": "xid", "gpu": 3, "xid": 79}              optional "gi", "ci": MIG instance IDs
+    {"op": "xid", "gpu": 3, "xid": 79}              optional "gi", "ci": MIG instance IDs;
+                                                    optional "action": the recovery action
+                                                    the driver records with it (as below)
     {"op": "ecc-dbe", "gpu": "GPU-..."}             a double-bit ECC error
     {"op": "lost", "gpu": 3}                        the GPU falls off the bus
     {"op": "recover", "gpu": 3}                     ... and comes back healthy
     {"op": "hang", "gpu": 3}  {"op": "unhang", "gpu": 3}
                                                     NVML calls naming the GPU block / return
     {"op": "pending", "gpu": 3, "retired_pages": true, "row_remap": false}
-                                                    at least one of the two flags
+                                                    at least one of these and
+                                                    "row_remap_failed" (a lasting failure)
+    {"op": "recovery-action", "gpu": 3, "action": "gpu_reset"}
+                                                    the driver's recovery action (a name,
+                                                    its number, or null: not reported)
+    {"op": "ecc-errors", "gpu": 3, "count": 5}      more ECC errors; optional "corrected"
+    {"op": "fail", "gpu": 3, "calls": ["nvmlDeviceGetMinorNumber"], "code": "gpu_is_lost"}
+                                                    these NVML calls fail for the GPU
+                                                    ("code": an NVML_ERROR_* name or number)
+    {"op": "unfail", "gpu": 3}                      ... and answer again
     {"op": "nvml-down"}  {"op": "nvml-up"}          NVML as a whole stops/starts working
     {"op": "list"}                                  -> {"ok": true, "gpus": [...]}
 
 Each line gets exactly one answer line, in order: ``{"ok": true}`` (``list`` adds
-``"gpus"``: per GPU its ``index``, ``uuid``, ``name`` and ``mig`` UUIDs) or
-``{"ok": false, "error": "..."}``, where the error says what was wrong: not UTF-8, not
-JSON (with the parser's message), not an object, a missing or unknown ``op`` (with the
-valid ones), keys the op does not take (named), a missing or unknown ``gpu``, an ``xid``
-that is not a non-negative integer, ``gi``/``ci`` that are not non-negative integers.  A
+``"gpus"``: per GPU its ``index``, ``uuid``, ``name``, ``minor``, ``pci_bus_id``,
+``lost``, ``mig_uuids`` and ``mig_profiles``) or ``{"ok": false, "error": "..."}``,
+where the error says what was wrong: not UTF-8, not JSON (with the parser's message),
+not an object, a missing or unknown ``op`` (with the valid ones), keys the op does not
+take (named), a missing or unknown ``gpu``, an ``xid`` that is not a non-negative
+integer, ``gi``/``ci`` that are not non-negative integers, an unknown recovery action or
+error code (with the valid names), an NVML call name the simulator does not have (with
+the valid ones).  A
 bad request fails alone: the connection stays open for the next one.  The one exception
 is a line longer than :data:`MAX_LINE` bytes: it is answered with an error and that
 connection is closed, since the rest of the stream can no longer be framed.  A final
@@ -78,7 +92,7 @@ MAX_LINE: Final = 64 * 1024
 # ignored: a misspelt "row_remap" silently dropped would inject a different fault than
 # the one asked for.
 _OP_KEYS: Final[Mapping[str, frozenset[str]]] = {
-    "xid": frozenset({"gpu", "xid", "gi", "ci"}),
+    "xid": frozenset({"gpu", "xid", "gi", "ci", "action"}),
     "ecc-dbe": frozenset({"gpu"}),
     "lost": frozenset({"gpu"}),
     "recover": frozenset({"gpu"}),
@@ -87,6 +101,8 @@ _OP_KEYS: Final[Mapping[str, frozenset[str]]] = {
     "pending": frozenset({"gpu", "retired_pages", "row_remap", "row_remap_failed"}),
     "recovery-action": frozenset({"gpu", "action"}),
     "ecc-errors": frozenset({"gpu", "count", "corrected"}),
+    "fail": frozenset({"gpu", "calls", "code"}),
+    "unfail": frozenset({"gpu"}),
     "nvml-down": frozenset(),
     "nvml-up": frozenset(),
     "list": frozenset(),
@@ -123,9 +139,11 @@ class FaultTarget(Protocol):
         ...
 
     def xid(
-        self, gpu: int | str, xid: int, *, gi: int | None = None, ci: int | None = None
+        self, gpu: int | str, xid: int, *, gi: int | None = None, ci: int | None = None,
+        recovery_action: int | None = None,
     ) -> None:
-        """Raise an XID error event on ``gpu`` (on a MIG instance if ``gi``/``ci`` given)."""
+        """Raise an XID error event on ``gpu`` (on a MIG instance if ``gi``/``ci`` given),
+        setting the driver's recovery action with it if ``recovery_action`` is given."""
         ...
 
     def ecc_dbe(self, gpu: int | str) -> None:
@@ -164,6 +182,16 @@ class FaultTarget(Protocol):
         """``count`` more ECC errors on ``gpu`` (uncorrectable unless ``corrected``)."""
         ...
 
+    def fail(self, gpu: int | str, calls: Iterable[str] | str, code: int) -> None:
+        """Make these NVML calls fail with ``code`` whenever they name ``gpu`` (or its MIG
+        devices), until :meth:`unfail`; ``ValueError`` for a call name or code it does
+        not take, its message listing the valid names."""
+        ...
+
+    def unfail(self, gpu: int | str) -> None:
+        """Undo :meth:`fail` for ``gpu``."""
+        ...
+
     def nvml_down(self) -> None:
         """Make every NVML call fail as if the driver had gone."""
         ...
@@ -173,7 +201,8 @@ class FaultTarget(Protocol):
         ...
 
     def describe(self) -> list[dict[str, Any]]:
-        """One JSON-able dict per GPU: ``index``, ``uuid``, ``name``, ``mig`` (MIG UUIDs)."""
+        """One JSON-able dict per GPU: ``index``, ``uuid``, ``name`` and more (the
+        simulator's: ``minor``, ``pci_bus_id``, ``lost``, ``mig_uuids``, ``mig_profiles``)."""
         ...
 
 
@@ -289,11 +318,11 @@ _ACTIONS: Final = {name.removeprefix("NVML_GPU_RECOVERY_ACTION_").lower(): getat
 _ACTION_NAMES: Final = {value: name.upper() for name, value in _ACTIONS.items()}
 
 
-def _action(request: Mapping[str, Any]) -> int | None:
+def _action(request: Mapping[str, Any], op: str = "recovery-action") -> int | None:
     """``request["action"]``: an action name (``gpu_reset``), its number, or null (the
     driver reports no recovery actions)."""
     if "action" not in request:
-        raise _BadRequest('op "recovery-action" needs "action" (e.g. "gpu_reset", "none", '
+        raise _BadRequest(f'op "{op}" needs "action" (e.g. "gpu_reset", "none", '
                           'or null for a driver that does not report one)')
     value = request["action"]
     if value is None:
@@ -304,6 +333,45 @@ def _action(request: Mapping[str, Any]) -> int | None:
         return value
     raise _BadRequest(f'"action" must be one of {", ".join(sorted(_ACTIONS))} (or its number, '
                       f"or null), got {_quote(value)}")
+
+
+#: ``NVML_ERROR_*`` codes by name (``gpu_is_lost``), for requests that name the code.
+_ERRORS: Final = {name.removeprefix("NVML_ERROR_").lower(): getattr(pynvml, name)
+                  for name in dir(pynvml)
+                  if name.startswith("NVML_ERROR_") and isinstance(getattr(pynvml, name), int)
+                  and getattr(pynvml, name) > 0}
+_ERROR_NAMES: Final = {value: name.upper() for name, value in _ERRORS.items()}
+
+
+def _calls(request: Mapping[str, Any]) -> list[str]:
+    """``request["calls"]``: NVML method names, as a list or one string (checked by the
+    target, which knows which it has)."""
+    if "calls" not in request:
+        raise _BadRequest('op "fail" needs "calls" (NVML method names, e.g. '
+                          '["nvmlDeviceGetMinorNumber"])')
+    value = request["calls"]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise _BadRequest(f'"calls" must be a non-empty list of NVML method names, got '
+                          f"{_quote(value)}")
+    return list(value)
+
+
+def _code(request: Mapping[str, Any]) -> int:
+    """``request["code"]``: an ``NVML_ERROR_*`` name (``gpu_is_lost``, any case, with or
+    without the prefix) or its number."""
+    if "code" not in request:
+        raise _BadRequest('op "fail" needs "code" (e.g. "gpu_is_lost", "unknown" or a number)')
+    value = request["code"]
+    if isinstance(value, str):
+        name = value.lower().removeprefix("nvml_error_")
+        if name in _ERRORS:
+            return int(_ERRORS[name])
+    elif isinstance(value, int) and not isinstance(value, bool) and value in _ERROR_NAMES:
+        return value
+    raise _BadRequest(f'"code" must be an NVML error: one of {", ".join(sorted(_ERRORS))} (or '
+                      f"its number), got {_quote(value)}")
 
 
 def _unknown_gpu(exc: KeyError) -> _BadRequest:
@@ -359,8 +427,16 @@ class _Server:
                     raise _BadRequest('op "xid" needs "xid" (the XID error number)')
                 gi = _natural(request, "gi")
                 ci = _natural(request, "ci")
-                target.xid(gpu, xid, gi=gi, ci=ci)
                 where = "".join(f" {k} {v}" for k, v in (("gi", gi), ("ci", ci)) if v is not None)
+                if "action" in request:
+                    action = _action(request, "xid")
+                    if action is None:
+                        raise _BadRequest('"action" with op "xid" must be a recovery action, '
+                                          'not null (use op "recovery-action" for that)')
+                    target.xid(gpu, xid, gi=gi, ci=ci, recovery_action=action)
+                    where += f", the driver asking for {_ACTION_NAMES.get(action, action)}"
+                else:
+                    target.xid(gpu, xid, gi=gi, ci=ci)
                 done = f"injected XID {xid} on {label}{where}"
             elif op == "ecc-dbe":
                 target.ecc_dbe(gpu)
@@ -390,6 +466,15 @@ class _Server:
                 target.add_ecc_errors(gpu, count, corrected=corrected)
                 done = (f"added {count} {'corrected' if corrected else 'uncorrectable'} ECC "
                         f"error(s) on {label}")
+            elif op == "fail":
+                calls = _calls(request)
+                code = _code(request)
+                target.fail(gpu, calls, code)
+                done = (f"{', '.join(calls)} now fail{'s' if len(calls) == 1 else ''} with "
+                        f"NVML_ERROR_{_ERROR_NAMES.get(code, code)} on {label}")
+            elif op == "unfail":
+                target.unfail(gpu)
+                done = f"every NVML call answers for {label} again"
             else:
                 assert op == "pending", op
                 retired_pages = _flag(request, "retired_pages")
@@ -679,11 +764,15 @@ def request_from_args(
     action: str | None = None,
     count: int | None = None,
     corrected: bool | None = None,
+    calls: str | Iterable[str] | None = None,
+    code: str | None = None,
 ) -> dict[str, Any]:
     """The request ``trio-gpu-plugin inject`` sends for its arguments.
 
     Arguments left as None are left out; a ``gpu`` of ASCII digits becomes an index.
-    Nothing is validated here: the server answers what is wrong, in one place.
+    ``calls`` (op ``fail``) is a list, or one string of comma-separated names; ``code``
+    an ``NVML_ERROR_*`` name, or digits for its number.  Nothing is validated here: the
+    server answers what is wrong, in one place.
     """
     request: dict[str, Any] = {"op": op}
     if gpu is not None:
@@ -704,4 +793,9 @@ def request_from_args(
         # "null" asks for a driver that reports no recovery actions; digits are a number.
         request["action"] = None if action == "null" else (
             int(action) if _DIGITS.fullmatch(action) else action)
+    if calls is not None:
+        names = calls.split(",") if isinstance(calls, str) else list(calls)
+        request["calls"] = [n.strip() for n in names if n.strip()]
+    if code is not None:
+        request["code"] = int(code) if _DIGITS.fullmatch(code) else code
     return request
