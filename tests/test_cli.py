@@ -101,6 +101,13 @@ async def test_inject_says_what_was_wrong(fake_kubelet: FakeKubelet, socket_dir:
         assert answer["ok"] is False and "9" in answer["error"]
         result = await inject_cli("--control", control, "lost")
         assert result.returncode == 2 and "op lost needs --gpu" in result.stderr
+        result = await inject_cli("--control", control, "fail", "--gpu", "1",
+                                  "--calls", "nvmlDeviceGetMinor", "--code", "gpu_is_lost")
+        assert result.returncode == 1 and "nvmlDeviceGetMinorNumber" in result.stdout
+        for args in (("fail", "--gpu", "1", "--calls", "nvmlDeviceGetMinorNumber, nvmlDeviceGetName",
+                      "--code", "15"), ("unfail", "--gpu", "1")):
+            result = await inject_cli("--control", control, *args)
+            assert (result.returncode, result.stdout.strip()) == (0, '{"ok": true}'), result
     finally:
         process.kill()
         await process.wait()

@@ -54,7 +54,7 @@ log = logging.getLogger("trio_gpu_plugin.cli")
 # when --simulate asks for them.  tests/test_cli.py keeps these equal to the real ones.
 PRESET_NAMES = ("dgx-a100", "dgx-1", "pcie-4", "a100-mig", "dgx-h100", "single-t4")
 CONTROL_OPS = ("xid", "ecc-dbe", "lost", "recover", "hang", "unhang", "pending",
-               "recovery-action", "ecc-errors", "nvml-down", "nvml-up", "list")
+               "recovery-action", "ecc-errors", "fail", "unfail", "nvml-down", "nvml-up", "list")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     inject.add_argument("--count", type=int, help="for op ecc-errors: how many errors")
     inject.add_argument("--corrected", metavar="BOOL", type=parse_bool_arg,
                         help="for op ecc-errors: corrected errors (default: uncorrectable)")
+    inject.add_argument("--calls", metavar="NAMES",
+                        help="for op fail: NVML calls to fail, comma-separated "
+                             "(e.g. nvmlDeviceGetMinorNumber,nvmlDeviceGetName)")
+    inject.add_argument("--code", metavar="ERROR",
+                        help="for op fail: the NVML error, a name (gpu_is_lost, unknown, "
+                             "no_permission...) or its number")
     return parser
 
 
@@ -286,14 +292,15 @@ def inject(args: argparse.Namespace) -> int:
     """``trio-gpu-plugin inject``: one request, its answer on stdout."""
     from ._control import request_from_args, send_control_sync
 
-    gpu_needed = args.op in ("xid", "ecc-dbe", "lost", "recover", "hang", "unhang", "pending")
+    gpu_needed = args.op not in ("nvml-down", "nvml-up", "list")
     if gpu_needed and args.gpu is None:
         print(f"trio-gpu-plugin inject: error: op {args.op} needs --gpu", file=sys.stderr)
         return 2
     request = request_from_args(args.op, args.gpu, args.xid, args.gi, args.ci,
                                 args.retired_pages, args.row_remap,
                                 row_remap_failed=args.row_remap_failed, action=args.action,
-                                count=args.count, corrected=args.corrected)
+                                count=args.count, corrected=args.corrected,
+                                calls=args.calls, code=args.code)
     try:
         answer = send_control_sync(args.control, request)
     except (OSError, ValueError) as exc:
