@@ -1237,3 +1237,19 @@ def test_a_teardown_while_a_thread_waits_for_events_is_counted(opened: list[Simu
     thread.join(5)
     assert sim.shutdown_under_live_call == 1
     assert isinstance(outcome[0], pynvml.NVMLError_Uninitialized)
+
+
+def test_the_gpu_count_can_fail_alone() -> None:
+    sim = start("pcie-4")
+    sim.fail_node("nvmlDeviceGetCount", pynvml.NVML_ERROR_UNKNOWN)
+    with pytest.raises(pynvml.NVMLError_Unknown):
+        sim.nvmlDeviceGetCount()
+    assert sim.nvmlDeviceGetUUID(sim.nvmlDeviceGetHandleByIndex(3)).startswith("GPU-")
+    assert sim.nvmlSystemGetDriverVersion() == "550.54.15"
+    for calls, code, message in [(["nvmlDeviceGetName"], 1, "valid: nvmlDeviceGetCount"),
+                                 ([], 1, "none given"),
+                                 ("nvmlDeviceGetCount", 0, "NVML_ERROR_")]:
+        with pytest.raises(ValueError, match=message):
+            sim.fail_node(calls, code)
+    sim.unfail_node()
+    assert sim.nvmlDeviceGetCount() == 4

@@ -347,3 +347,36 @@ async def test_the_recovery_action_is_a_metric_per_gpu(nursery: trio.Nursery,
     nvml.set_recovery_action(3, ACTIONS["NONE"])
     await until(lambda: f'action="NONE",gpu="{uuid}"' in metrics.render().decode())
     assert "NODE_REBOOT" not in metrics.render().decode()
+
+
+async def test_a_gpu_count_that_fails_alone_costs_no_health_and_no_crash(
+        nursery: trio.Nursery, root: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The probe task counts GPUs every interval to see GPUs come and go; NVML may answer
+    # that count with UNKNOWN while every GPU still answers (CI once caught it racing a
+    # driver restart: the error ended the whole node).
+    caplog.set_level(logging.INFO, "trio_gpu_plugin.nvml")
+    nvml = simulated("pcie-4", root)
+    node, devices = await start(nursery, nvml, root, window=0.2)
+    nvml.fail_node("nvmlDeviceGetCount", pynvml.NVML_ERROR_UNKNOWN)
+    counted = nvml.calls["nvmlDeviceGetCount"]
+    await until(lambda: nvml.calls["nvmlDeviceGetCount"] >= counted + 3)
+    assert devices.unhealthy == set() and node.sessions == 1
+    nvml.xid(1, 48)  # still watched
+    uuid = node.model.gpus[1].uuid  # type: ignore[union-attr]
+    await devices.wait_until(lambda: devices.unhealthy == {uuid})
+    failed = [r for r in caplog.records if "could not count" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].levelname == "WARNING", failed
+    nvml.unfail_node()
+    await until(lambda: any("counts GPUs again" in r.getMessage() for r in caplog.records))
+    assert node.sessions == 1
+
+
+async def test_a_gpu_count_saying_nvml_is_gone_restarts_the_session(
+        nursery: trio.Nursery, root: pathlib.Path) -> None:
+    nvml = simulated("pcie-4", root)
+    node, devices = await start(nursery, nvml, root, window=0.2)
+    nvml.fail_node("nvmlDeviceGetCount", pynvml.NVML_ERROR_UNINITIALIZED)
+    await devices.wait_until(lambda: len(devices.unhealthy) == 4)
+    nvml.unfail_node()
+    await until(lambda: node.sessions > 1)
+    await devices.wait_until(lambda: devices.unhealthy == set())

@@ -60,6 +60,9 @@ Per-call failures (:meth:`SimulatedNVML.fail`)             NVML API lists GPU_IS
                                                            NO_PERMISSION for each query; which fail
                                                            on a dying GPU varies: injected, not
                                                            modelled
+``nvmlDeviceGetCount`` failing alone (UNKNOWN) while      NVML API (nvmlDeviceGetCount returns
+the GPUs answer (:meth:`SimulatedNVML.fail_node`)          UNKNOWN); when a driver does it: not
+                                                           documented, injected
 A hung GPU blocks every call naming it; a call released    assumed from wedged-GPU reports; the
 after the last ``nvmlShutdown`` raises UNINITIALIZED       teardown count
                                                            (:attr:`~SimulatedNVML.shutdown_under_live_call`)
@@ -173,6 +176,7 @@ __all__ = [
     "SimPciInfo",
     "SimPlacement",
     "FAILABLE_CALLS",
+    "NODE_CALLS",
     "SimulatedNVML",
     "load_node_file",
     "node_from",
@@ -1164,6 +1168,7 @@ class SimulatedNVML:
         self.node = node
         self._privileged = node.privileged if privileged is None else bool(privileged)
         self._shutdown_under_live_call = 0
+        self._node_failures: dict[str, int] = {}  # fail_node: call name -> NVML_ERROR_*
         self._in_calls = 0  # threads inside a call that released the lock (hung, waiting)
         self._current = ""  # the NVML method being served (lock held)
         self._gpus, self._nvswitch_buses = _resolve(node)
@@ -1279,6 +1284,9 @@ class SimulatedNVML:
             raise _error(pynvml.NVML_ERROR_UNINITIALIZED)
         if self._down:
             raise _error(pynvml.NVML_ERROR_UNKNOWN)
+        code = self._node_failures.get(name)
+        if code is not None:
+            raise _error(code)
 
     def _device(self, handle: object) -> tuple[_Gpu, _Mig | None]:
         if isinstance(handle, (_GpuHandle, _MigHandle)) and handle.owner is self:
@@ -2018,6 +2026,29 @@ class SimulatedNVML:
         with self._cond:
             self._lookup(gpu)[0].failures.clear()
 
+    def fail_node(self, calls: Iterable[str] | str, code: int) -> None:
+        """Make these calls that name no GPU (:data:`NODE_CALLS`) fail with ``code``
+        until :meth:`unfail_node`, while every other call answers: NVML documents
+        UNKNOWN ("any unexpected error") for ``nvmlDeviceGetCount`` beside
+        UNINITIALIZED, and a driver in trouble may fail the count and still answer for
+        the GPUs it has.  ``ValueError`` for another name or a code that is not an
+        error code; nothing changes on an error."""
+        names = [calls] if isinstance(calls, str) else list(calls)
+        unknown = [n for n in names if n not in NODE_CALLS]
+        if unknown or not names:
+            raise ValueError(f"not NVML calls that name no GPU: {unknown or 'none given'}; "
+                             f"valid: {', '.join(NODE_CALLS)}")
+        if not _is_int(code) or code <= 0:
+            raise ValueError(f"code must be an NVML_ERROR_* value (a positive integer, e.g. "
+                             f"{pynvml.NVML_ERROR_UNKNOWN} for UNKNOWN), not {code!r}")
+        with self._cond:
+            self._node_failures.update(dict.fromkeys(names, code))
+
+    def unfail_node(self) -> None:
+        """Undo :meth:`fail_node`."""
+        with self._cond:
+            self._node_failures.clear()
+
     def set_pending(self, gpu: int | str, *, retired_pages: bool | None = None,
                     row_remap: bool | None = None, row_remap_failed: bool | None = None) -> None:
         """Set or clear pending page retirement / row remapping.  ``ValueError`` for the
@@ -2114,6 +2145,10 @@ class SimulatedNVML:
                 (cap_dir / f"nvidia-cap{_cap_minor(gpu.minor, mig.gi_id)}").touch()
                 (cap_dir / f"nvidia-cap{_cap_minor(gpu.minor, mig.gi_id, mig.ci_id)}").touch()
 
+
+#: The NVML methods :meth:`SimulatedNVML.fail_node` can make fail: those that name no GPU
+#: and answer once NVML is up (``nvmlInit``'s failures are ``init_error``/``nvml_down``).
+NODE_CALLS: Final[tuple[str, ...]] = ("nvmlDeviceGetCount", "nvmlSystemGetDriverVersion")
 
 #: The NVML methods :meth:`SimulatedNVML.fail` can make fail for one GPU: every one the
 #: simulator has except those that name no device.

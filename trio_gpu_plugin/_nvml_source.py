@@ -414,6 +414,7 @@ class NvmlNode:
         # found it still unreadable (for back-off).
         self._reread_at = -math.inf
         self._rereads = 0
+        self._count_failing = False  # the GPU count failed (logged once per streak)
         # The driver's recovery action per GPU UUID, where the driver reports it.
         self._actions: dict[str, int] = {}
         self._actions_unsupported: set[str] = set()
@@ -1193,14 +1194,30 @@ class NvmlNode:
         if now - self._reread_at < delay:
             return None
         unread = [gpu for gpu in model.gpus if gpu.uuid in self._unread]
-        if unread:
-            answers = await self._per_gpu("a probe", unread, self._answers)
-            back = [uuid for uuid, ok in answers.items() if ok]
-            if back:
-                return f"{self._describe(back[0])} answers again"
-        answer = await self._per_gpu(
-            "counting GPUs", [_NODE], lambda _: self._node_changed(
-                set(self._unknown_indexes), self._count))
+        try:
+            if unread:
+                answers = await self._per_gpu("a probe", unread, self._answers)
+                back = [uuid for uuid, ok in answers.items() if ok]
+                if back:
+                    return f"{self._describe(back[0])} answers again"
+            answer = await self._per_gpu(
+                "counting GPUs", [_NODE], lambda _: self._node_changed(
+                    set(self._unknown_indexes), self._count))
+        except NVMLError as exc:
+            # Both helpers raise only what names no GPU.  NVML gone as a whole ends the
+            # session like a failed probe; anything else (the count's UNKNOWN) only
+            # blinds this change check, not the GPUs' health: they answer their probes.
+            if nvml_gone(exc):
+                raise _NvmlGone(f"counting GPUs failed: {exc}") from exc
+            if not self._count_failing:
+                self._count_failing = True
+                log.warning("NVML could not count GPUs: %s; GPUs that appear or come back "
+                            "are not seen until it can (asked again every %.1f s); the "
+                            "GPUs' health is not affected", exc, self.probe_interval)
+            return None
+        if self._count_failing:
+            self._count_failing = False
+            log.info("NVML counts GPUs again")
         return answer.get(_NODE.uuid)
 
     async def _probe_task(self, model: NodeModel) -> None:
