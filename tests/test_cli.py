@@ -3,6 +3,7 @@ a grpcio kubelet in another process checking the wire."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -17,12 +18,15 @@ import pytest
 import trio
 
 from trio_gpu_plugin import DevicePlugin, Resource
+from trio_gpu_plugin._cli import PRESET_NAMES, watch_config_file
 from trio_gpu_plugin._demo import run_demo
 from trio_gpu_plugin.testing import FakeKubelet, SimulatedDeviceSource
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GPU = "nvidia.com/gpu"
 HANG_GUARD = 20.0
+# Far beyond the hang guard: a change seen in time was seen through inotify, not a poll.
+NEVER = 3600.0
 
 
 async def start_cli(kubelet: FakeKubelet, *args: str) -> trio.Process:
@@ -334,7 +338,7 @@ def test_json_logs_are_one_object_per_line(socket_dir: pathlib.Path) -> None:
         [sys.executable, "-m", "trio_gpu_plugin", "--simulate", "pcie-4", "--kubelet-socket",
          str(socket_dir / "kubelet.sock")], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
-        lines = []
+        lines: list[str] = []
         assert process.stderr is not None
         while len(lines) < 5:
             lines.append(process.stderr.readline())
@@ -345,3 +349,152 @@ def test_json_logs_are_one_object_per_line(socket_dir: pathlib.Path) -> None:
     assert all(set(r) >= {"time", "level", "logger", "message"} for r in records)
     assert records[0]["message"].startswith("Running with config: {")
     assert any("waiting for the kubelet" in r["message"] for r in records)
+
+
+# --- config file changes and reloads -------------------------------------------------
+
+async def watch_reloads(nursery: trio.Nursery, path: pathlib.Path
+                        ) -> trio.MemoryReceiveChannel[tuple[str, bool]]:
+    """watch_config_file on ``path`` with the safety-net poll pushed out past the hang
+    guard; each reload it asks for arrives as ``(reason, always)``."""
+    send, receive = trio.open_memory_channel[tuple[str, bool]](16)
+
+    async def reload(reason: str, *, always: bool = True) -> None:
+        await send.send((reason, always))
+
+    await nursery.start(functools.partial(watch_config_file, str(path), reload,
+                                          poll_interval=NEVER, use_inotify=True))
+    return receive
+
+
+async def next_reload(reloads: trio.MemoryReceiveChannel[tuple[str, bool]]) -> tuple[str, bool]:
+    with trio.fail_after(HANG_GUARD):
+        return await reloads.receive()
+
+
+async def test_a_config_file_edited_in_place_reloads_without_waiting_for_the_poll(
+        nursery: trio.Nursery, tmp_path: pathlib.Path) -> None:
+    live = tmp_path / "live" / "config.yaml"
+    live.parent.mkdir()
+    live.write_text("version: v1\n")
+    new = tmp_path / "new.yaml"  # not in the watched directory: only the copy can wake it
+    new.write_text("version: v1\nflags:\n  migStrategy: single\n")
+    inode = live.stat().st_ino
+    await trio.sleep(0.05)  # ctime's clock may tick only every few ms; edits come later
+    reloads = await watch_reloads(nursery, live)
+    with open(live, "a") as stream:  # echo ... >> live.yaml
+        stream.write("flags:\n  migStrategy: mixed\n")
+    # A file change asks for a reload that skips an unchanged configuration.
+    assert await next_reload(reloads) == (f"config file {live} changed", False)
+    shutil.copyfile(new, live)  # cp new.yaml live.yaml
+    assert await next_reload(reloads) == (f"config file {live} changed", False)
+    assert live.stat().st_ino == inode, "both edits were in place"
+
+
+async def test_a_configmap_update_reloads_before_the_old_files_are_removed(
+        nursery: trio.Nursery, tmp_path: pathlib.Path) -> None:
+    # The kubelet's AtomicWriter: a new timestamped directory, the ..data symlink swapped
+    # by rename, the old directory removed afterwards (here: never), while config.yaml
+    # stays a symlink to ..data/config.yaml throughout.
+    mount = tmp_path / "etc-config"
+    mount.mkdir()
+
+    def publish(version: str, text: str) -> None:
+        files = mount / f"..{version}"
+        files.mkdir()
+        (files / "config.yaml").write_text(text)
+        (mount / "..data_tmp").symlink_to(files.name)
+        (mount / "..data_tmp").rename(mount / "..data")
+
+    publish("2024_01", "version: v1\n")
+    (mount / "config.yaml").symlink_to("..data/config.yaml")
+    reloads = await watch_reloads(nursery, mount / "config.yaml")
+    publish("2024_02", "version: v1\nflags:\n  migStrategy: mixed\n")
+    assert await next_reload(reloads) == (f"config file {mount / 'config.yaml'} changed", False)
+    assert (mount / "..2024_01" / "config.yaml").exists()
+
+
+async def read_stderr_until(process: trio.Process, output: bytearray, text: bytes) -> None:
+    """Read the process's stderr into ``output`` until ``text`` is in it."""
+    assert process.stderr is not None
+    with trio.fail_after(HANG_GUARD):
+        while text not in output:
+            chunk = await process.stderr.receive_some()
+            assert chunk, f"stderr closed before {text!r}: {output.decode()}"
+            output += chunk
+
+
+async def test_sighup_then_the_same_content_written_reloads_once(
+        fake_kubelet: FakeKubelet, socket_dir: pathlib.Path) -> None:
+    # A config-manager writes the file and signals; the file event that follows finds
+    # what SIGHUP already loaded and reloads nothing.
+    config = socket_dir / "config.yaml"
+    content = "version: v1\nflags:\n  migStrategy: none\n"
+    config.write_text(content)
+    process = await start_cli(fake_kubelet, "--simulate", "pcie-4", "--config-file", str(config))
+    output = bytearray()
+    try:
+        await fake_kubelet.wait_registered(GPU, timeout=HANG_GUARD)
+        process.send_signal(signal.SIGHUP)
+        await read_stderr_until(process, output, b"SIGHUP: configuration reloaded")
+        await fake_kubelet.wait_registered(GPU, count=2, timeout=HANG_GUARD)
+        config.write_text(content)
+        await read_stderr_until(process, output, b"configuration unchanged")
+        process.send_signal(signal.SIGTERM)
+        assert await wait_exit(process) == 0
+        assert process.stderr is not None
+        while chunk := await process.stderr.receive_some():
+            output += chunk
+    finally:
+        process.kill()
+        await process.wait()
+        if process.stderr is not None:
+            await process.stderr.aclose()
+    text = output.decode()
+    assert text.count("configuration reloaded") == 1, text
+    assert f"config file {config} changed: configuration unchanged; nothing to reload" in text
+    assert len([r for r in fake_kubelet.registrations if r.resource_name == GPU]) == 2
+
+
+# --- the program's names, and its help ------------------------------------------------
+
+def run_as(name: str, directory: pathlib.Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the CLI from a console script called ``name``, as pip installs one."""
+    script = directory / name
+    script.write_text("import sys\nfrom trio_gpu_plugin._cli import main\nsys.exit(main())\n")
+    clean = {k: v for k, v in os.environ.items() if k not in ("SIMULATE", "LOG_LEVEL")}
+    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env=clean)
+
+
+def test_as_nvidia_device_plugin_it_takes_the_same_flags_and_says_its_name(
+        tmp_path: pathlib.Path) -> None:
+    # NVIDIA's Helm chart runs command: ["nvidia-device-plugin"].
+    ours = run_as("trio-gpu-plugin", tmp_path, "--help")
+    theirs = run_as("nvidia-device-plugin", tmp_path, "--help")
+    assert ours.returncode == theirs.returncode == 0
+    assert theirs.stdout.startswith("usage: nvidia-device-plugin ")
+    # The usage block wraps differently for a longer name; everything after it is equal.
+    assert theirs.stdout.split("\n\n", 1)[1] == ours.stdout.split("\n\n", 1)[1]
+    assert re.findall(r"--[\w-]+", theirs.stdout) == re.findall(r"--[\w-]+", ours.stdout)
+    result = run_as("nvidia-device-plugin", tmp_path, "--simulate", "pcie-4",
+                    "--mig-strategy=none", "--fail-on-init-error=true",
+                    "--device-list-strategy", "envvar", "inspect", "--json")
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["resources"][0]["devices"]) == 4
+    result = run_as("nvidia-device-plugin", tmp_path, "--mig-strategy", "sideways")
+    assert result.returncode == 2
+    assert "nvidia-device-plugin: error: argument --mig-strategy" in result.stderr
+    result = run_as("nvidia-device-plugin", tmp_path, "--simulate", "pcie-4",
+                    "--config-file", str(tmp_path / "absent.yaml"))
+    assert result.returncode == 1
+    assert result.stderr.startswith("nvidia-device-plugin: error: config file ")
+
+
+def test_help_lists_the_simulate_presets() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    # argparse wraps help text; the names are what matter.
+    simulate_help = " ".join(result.stdout.split("\n  --simulate PRESET|FILE", 1)[1]
+                             .split("\n  --simulate-control", 1)[0].split())
+    assert f"presets: {', '.join(PRESET_NAMES)}" in simulate_help

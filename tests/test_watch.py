@@ -1,5 +1,6 @@
 """Watching socket paths: kubelet.sock and the plugin's own socket coming, going and
-being replaced, and the socket directory itself being deleted and recreated.
+being replaced, and the socket directory itself being deleted and recreated; and a
+config file written in place, seen when its writer closes it.
 
 Most behaviours run twice: with inotify and the safety-net poll pushed out to an hour
 (so only an inotify event can wake the waiter, and a missed event fails the hang
@@ -343,6 +344,78 @@ async def test_directory_absent_at_start_then_created_with_the_socket_wakes_the_
         assert not waiter.done.is_set()
         with bind(kubelet):
             assert await waiter.result_within_guard() == snapshot(kubelet)
+
+
+def append(path: pathlib.Path) -> None:
+    """``echo ... >> path``: open, write, close; the inode stays."""
+    with open(path, "a") as stream:
+        stream.write("# appended\n")
+
+
+def copy_over(path: pathlib.Path) -> None:
+    """``cp staging/new.yaml path``: truncated and written in place; the inode stays.
+    The new file is written in a directory nobody watches, so that only the write to
+    ``path`` can wake a waiter."""
+    new = path.parent.parent / "staging" / "new.yaml"
+    new.write_text("version: v1\nflags:\n  migStrategy: mixed\n")
+    shutil.copyfile(new, path)
+
+
+@pytest.mark.parametrize("write", [append, copy_over])
+async def test_a_file_written_in_place_wakes_the_waiter(
+    tmp_path: pathlib.Path, mode: dict[str, Any], write: Callable[[pathlib.Path], None]
+) -> None:
+    # A config file edited in place: no entry comes or goes in its directory, so only
+    # the close after the write (or a poll) can say it changed.
+    config = tmp_path / "live" / "config.yaml"
+    config.parent.mkdir()
+    (tmp_path / "staging").mkdir()
+    config.write_text("version: v1\n")
+    inode = config.stat().st_ino
+    baseline = snapshot(config)
+    # ctime comes from a clock that may tick only every few milliseconds; an operator's
+    # edit comes far later than the file's creation.
+    await trio.sleep(0.05)
+    async with trio.open_nursery() as nursery:
+        waiter = await start_waiter(nursery, baseline, mode)
+        write(config)
+        result = await waiter.result_within_guard()
+    assert result == snapshot(config) != baseline
+    assert config.stat().st_ino == inode, "written in place, not replaced"
+
+
+async def test_a_write_wakes_the_waiter_when_the_writer_closes_the_file(
+    tmp_path: pathlib.Path,
+) -> None:
+    # IN_CLOSE_WRITE, not IN_MODIFY: a file half written is not read.
+    config = tmp_path / "config.yaml"
+    config.write_text("version: v1\n")
+    baseline = snapshot(config)
+    await trio.sleep(0.05)
+    async with trio.open_nursery() as nursery:
+        waiter = await start_waiter(nursery, baseline, MODES["inotify"])
+        with open(config, "a") as stream:
+            stream.write("flags:\n")
+            stream.flush()
+            await settle()
+            assert not waiter.done.is_set(), "woken by a write before the writer finished"
+            stream.write("  migStrategy: mixed\n")
+        assert await waiter.result_within_guard() == snapshot(config) != baseline
+
+
+def test_only_the_directory_of_a_regular_file_listens_for_writes(
+    socket_dir: pathlib.Path,
+) -> None:
+    # The kubelet rewrites its checkpoint file next to kubelet.sock on every allocation;
+    # a socket's directory need not wake for that.
+    kubelet, config = socket_dir / "sockets" / "kubelet.sock", socket_dir / "config.yaml"
+    kubelet.parent.mkdir()
+    config.write_text("version: v1\n")
+    with bind(kubelet):
+        masks = _watch._directory_masks({"k": os.fspath(kubelet), "c": os.fspath(config)})
+    assert masks[os.fspath(kubelet.parent)] & _watch.IN_CLOSE_WRITE == 0
+    assert masks[os.fspath(socket_dir)] & _watch.IN_CLOSE_WRITE
+    assert masks[os.fspath(socket_dir)] & 0x2 == 0, "not IN_MODIFY: every write() would wake"
 
 
 def open_fds() -> int:

@@ -3,6 +3,9 @@
 :func:`report` is sans-IO (model, plan, health and topology in; plain data out);
 :func:`render_text` and :func:`render_json` format it; :func:`inspect_node` runs an NVML
 session long enough to discover and probe the node once.
+
+Types are the same for every device and GPU whatever the node: ``numa`` is always a
+list of NUMA node numbers (empty when unknown), as the kubelet's TopologyInfo holds.
 """
 
 from __future__ import annotations
@@ -13,15 +16,43 @@ from typing import Any
 
 import trio
 
+from ._config import Config
 from ._configured import NodeSetup
 from ._node_model import PCIE_LEVELS, NodeModel
 from ._nvml_source import NvmlNode
 from ._resources import PlanResult
 from ._topology import Topology
 
-__all__ = ["inspect_node", "render_json", "render_text", "report"]
+__all__ = ["envvar_conflict_warning", "inspect_node", "render_json", "render_text", "report"]
 
 _LINK_NAMES = {0: "BOARD", 10: "PIX", 20: "PXB", 30: "PHB", 40: "NODE", 50: "SYS"}
+#: The device list strategies that let one container hold devices of several of our
+#: resources: each resource's mounts or CDI devices add up, where envvar's
+#: NVIDIA_VISIBLE_DEVICES values collide.
+COMBINING_STRATEGIES = ("volume-mounts", "cdi-annotations", "cdi-cri")
+
+
+def envvar_conflict_warning(config: Config, result: PlanResult) -> str | None:
+    """The warning for the mixed MIG strategy with ``envvar`` as the only device list
+    strategy on a node where it plans several resources, else ``None``.
+
+    Every resource answers Allocate with its own ``NVIDIA_VISIBLE_DEVICES``; a container
+    that asks for two of them (two MIG profiles) gets one value, as the kubelet keeps
+    one and logs a conflict, so it sees only one resource's devices.  NVIDIA's plugin has
+    the same limit.
+    """
+    if config.flags.mig_strategy != "mixed" or \
+            tuple(config.flags.plugin.device_list_strategy) != ("envvar",):
+        return None
+    names = [r.name for r in result.resources]
+    if len(names) < 2:
+        return None
+    return (f"--mig-strategy mixed with --device-list-strategy envvar alone: a container "
+            f"that asks for two of {', '.join(names)} gets the NVIDIA_VISIBLE_DEVICES of "
+            "only one of them (the kubelet keeps one value and logs a conflict; NVIDIA's "
+            "plugin has the same limit); if containers ask for more than one, add "
+            f"{', '.join(COMBINING_STRATEGIES[:-1])} or {COMBINING_STRATEGIES[-1]} to "
+            "--device-list-strategy")
 
 
 def report(model: NodeModel, result: PlanResult, healthy: Callable[[Iterable[str]], bool],
@@ -42,7 +73,8 @@ def report(model: NodeModel, result: PlanResult, healthy: Callable[[Iterable[str
             })
         resources.append({"name": resource.name, "socket": resource.socket_name,
                           "sharing": resource.sharing, "devices": devices})
-    gpus = [{"index": g.index, "uuid": g.uuid, "name": g.name, "numa": g.numa_node,
+    gpus = [{"index": g.index, "uuid": g.uuid, "name": g.name,
+             "numa": [] if g.numa_node is None else [g.numa_node],
              "memory_mib": g.memory_bytes // 2**20, "mig": g.mig_enabled,
              "healthy": healthy([g.uuid])} for g in model.gpus]
     matrix = []
@@ -75,7 +107,7 @@ def render_text(data: dict[str, Any]) -> str:
     lines = [f"driver {data['driver']}, {len(data['gpus'])} GPU(s)"]
     for gpu in data["gpus"]:
         lines.append(f"  GPU {gpu['index']}  {gpu['uuid']}  {gpu['name']}  {gpu['memory_mib']} MiB  "
-                     f"NUMA {gpu['numa'] if gpu['numa'] is not None else '-'}"
+                     f"NUMA {','.join(map(str, gpu['numa'])) or '-'}"
                      f"{'  MIG' if gpu['mig'] else ''}  {'Healthy' if gpu['healthy'] else 'Unhealthy'}")
     for resource in data["resources"]:
         healthy = sum(d["healthy"] for d in resource["devices"])
@@ -107,7 +139,10 @@ async def inspect_node(node: NvmlNode, setup: NodeSetup, settle: float = 0.3) ->
         await nursery.start(node.run)
         await trio.sleep(settle)
         model = await node.wait_model()
-        data = report(model, setup.plan(model), node.healthy,
-                      node.reasons(), Topology.from_model(model))
+        result = setup.plan(model)
+        data = report(model, result, node.healthy, node.reasons(), Topology.from_model(model))
         nursery.cancel_scope.cancel()
+    conflict = envvar_conflict_warning(setup.config, result)
+    if conflict:
+        data["warnings"].append(conflict)
     return data

@@ -31,6 +31,14 @@ what a restarting kubelet does to kubelet.sock.  The change time tells the two a
 (it is set when the inode is created).  It also moves on ``chmod``/``chown``/``link``;
 such a change is reported too (late: no inotify mask covers it, so only a later wake-up
 or the safety net sees it), which errs on the side of re-registering.
+
+Regular files edited in place (``cp new.yaml live.yaml``, ``>>``: a config file) keep
+their inode; a write moves their change time, so the identity changes, and the
+directory of a watched regular file is also watched for ``IN_CLOSE_WRITE`` so that the
+wake-up comes when the writer closes the file.  Not ``IN_MODIFY``: that fires on every
+``write()``, waking us for each step of a write that is not finished; the close is the
+writer saying it is done.  Sockets and symlinks are never written, so their directories
+(the kubelet's, where the kubelet rewrites its checkpoint file) are not woken by writes.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 import struct
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
@@ -57,6 +66,7 @@ log = logging.getLogger("trio_gpu_plugin.watch")
 Identity = tuple[int, int, int] | None
 
 # From <sys/inotify.h>; stable kernel ABI.
+IN_CLOSE_WRITE: Final = 0x00000008
 IN_MOVED_FROM: Final = 0x00000040
 IN_MOVED_TO: Final = 0x00000080
 IN_CREATE: Final = 0x00000100
@@ -76,6 +86,8 @@ IN_CLOEXEC: Final = os.O_CLOEXEC
 _DIR_MASK: Final = (
     IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF
 )
+# The directory of a watched regular file, also: a file there closed after writing.
+_FILE_DIR_MASK: Final = _DIR_MASK | IN_CLOSE_WRITE
 # An ancestor: the next directory down coming and going.  (Its own removal still wakes
 # us: the kernel always sends IN_IGNORED when a watched inode goes away.)
 _ANCESTOR_MASK: Final = IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM
@@ -235,13 +247,37 @@ def _open_inotify() -> _Inotify:
     return _Inotify(libc, fd)
 
 
-def _arm(inotify: _Inotify, directories: set[str]) -> bool:
-    """(Re)add every watch the directories need.  Return False when one could not be
-    added for a reason other than the directory being absent."""
+def _is_regular_file(path: str) -> bool:
+    """Whether ``path`` itself (not a symlink's target) is a regular file now."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        # Absent or unreadable: its identity says so, and its creation wakes us anyway.
+        return False
+
+
+def _directory_masks(paths: Mapping[str, str]) -> dict[str, int]:
+    """The mask each watched directory needs: entries coming and going, and for the
+    directory of a regular file among ``paths`` also writes to it being finished.
+
+    Looked up on every re-arm: a path that was absent or a socket may have become a
+    file.  The masks only ever widen (``IN_MASK_ADD``), which is harmless.
+    """
+    masks: dict[str, int] = {}
+    for target in paths.values():
+        directory = os.path.dirname(target)
+        mask = _FILE_DIR_MASK if _is_regular_file(target) else _DIR_MASK
+        masks[directory] = masks.get(directory, 0) | mask
+    return masks
+
+
+def _arm(inotify: _Inotify, directories: Mapping[str, int]) -> bool:
+    """(Re)add every watch the directories (each with its mask) need.  Return False
+    when one could not be added for a reason other than the directory being absent."""
     complete = True
-    for directory in sorted(directories):
+    for directory, mask in sorted(directories.items()):
         try:
-            inotify.add_watch(directory, _DIR_MASK)
+            inotify.add_watch(directory, mask)
         except _Unwatchable:
             complete = False
         # The nearest existing ancestor: normally the parent, which tells us when the
@@ -265,10 +301,9 @@ async def _wait_with_inotify(
     poll_interval: float,
     fallback_poll_interval: float,
 ) -> dict[str, Identity]:
-    directories = {os.path.dirname(target) for target in paths.values()}
     while True:
         # Arm before looking: whatever changes after this lstat() queues an event.
-        complete = _arm(inotify, directories)
+        complete = _arm(inotify, _directory_masks(paths))
         current = _snapshot(paths)
         if current != baseline:
             return current
