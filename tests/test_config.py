@@ -760,13 +760,15 @@ def test_unknown_keys_are_warned_by_path_and_ignored() -> None:
     }
     config, warnings = resolve_config({}, {}, document)
     assert warnings == [
-        "config file: unknown key 'flagz' (ignored)",
-        "config file: unknown key 'flags.plugin.deviceListStrategyy' (ignored)",
-        "config file: unknown key 'imex.channelIds' (ignored)",
-        "config file: unknown key 'resources.cpus' (ignored)",
+        "config file: unknown key 'flagz' (ignored); did you mean 'flags'?",
+        "config file: unknown key 'flags.plugin.deviceListStrategyy' (ignored); did you mean "
+        "'flags.plugin.deviceListStrategy'?",
+        "config file: unknown key 'imex.channelIds' (ignored); did you mean 'imex.channelIDs'?",
+        "config file: unknown key 'resources.cpus' (ignored); did you mean 'resources.gpus'?",
         "config file: unknown key 'resources.gpus[0].extra' (ignored)",
         "config file: unknown key 'sharing.timeSlicing.strategy' (ignored)",
-        "config file: unknown key 'sharing.timeSlicing.resources[0].replica' (ignored)",
+        "config file: unknown key 'sharing.timeSlicing.resources[0].replica' (ignored); did "
+        "you mean 'sharing.timeSlicing.resources[0].replicas'?",
     ]
     assert config.flags.mig_strategy == "single"
     assert config.flags.use_node_feature_api is True
@@ -819,10 +821,89 @@ def test_empty_and_missing_files(tmp_path: pathlib.Path) -> None:
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing here\n")
     assert load_config_file(str(empty)) == {}
-    assert resolve_config({}, {}, load_config_file(str(empty))) == (Config(), [])
+    config, warnings = resolve_config({}, {}, load_config_file(str(empty)),
+                                      source=f"config file {empty}")
+    assert config == Config()
+    assert len(warnings) == 1 and warnings[0].startswith(f"config file {empty} is empty")
     missing = tmp_path / "missing.yaml"
     with pytest.raises(ConfigError, match=re.escape(f"config file {missing}: cannot read it")):
         load_config_file(str(missing))
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t\n", "# all commented out\n# migStrategy: mixed\n",
+                                  "---\n", "null\n"])
+def test_an_empty_config_file_warns_that_defaults_are_used(tmp_path: pathlib.Path,
+                                                           text: str) -> None:
+    # #14 item 6: a ConfigMap whose data key is empty (or all comments) is almost always
+    # a mistake; the plugin still starts, on defaults, but says so.
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    config, warnings = resolve_config({}, {}, load_config_file(str(path)),
+                                      source=f"config file {path}")
+    assert config == Config()
+    assert warnings == [f"config file {path} is empty (or holds only comments): it configures "
+                        "nothing; flags, environment variables and built-in defaults apply"]
+
+
+def test_an_explicit_empty_mapping_is_not_an_empty_file(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text("{}\n")
+    assert resolve_config({}, {}, load_config_file(str(path))) == (Config(), [])
+
+
+def test_json_with_trailing_commas_is_read_as_nvidia_reads_it_and_warned_about(
+        tmp_path: pathlib.Path) -> None:
+    # NVIDIA's plugin reads the file with sigs.k8s.io/yaml (go-yaml), which takes a
+    # trailing comma in a flow sequence or mapping, as YAML allows; so do we, but not
+    # silently: json.loads refuses the file, and JSON tools would too (#14 item 6).
+    path = tmp_path / "config.json"
+    path.write_text('{\n'
+                    '  "version": "v1",\n'
+                    '  "flags": {"migStrategy": "single", "mpsRoot": "/run/a,]"},\n'
+                    '  "sharing": {"timeSlicing": {"resources": [\n'
+                    '    {"name": "gpu", "replicas": 2},\n'
+                    '  ],},},\n'
+                    '}\n')
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(path.read_text())
+    config, warnings = resolve_config({}, {}, load_config_file(str(path)),
+                                      source=f"config file {path}")
+    assert config.flags.mig_strategy == "single"
+    # The comma inside a string is the string's.
+    assert config.flags.mps_root == "/run/a,]"
+    assert config.sharing.time_slicing is not None
+    assert config.sharing.time_slicing.resources[0].replicas == 2
+    assert warnings == [f"config file {path}: trailing commas on lines 5, 6, which JSON does "
+                        "not allow; read as YAML, which allows them (as NVIDIA's plugin reads "
+                        "the file); remove them so that JSON tools can read it too"]
+    path.write_text('{"version": "v1", "flags": {"migStrategy": "single"}}\n')
+    assert resolve_config({}, {}, load_config_file(str(path)))[1] == []
+
+
+@pytest.mark.parametrize(("document", "warning"), [
+    # A typo at the right level: the closest valid key there.
+    ({"flags": {"migStratgy": "single"}},
+     "unknown key 'flags.migStratgy' (ignored); did you mean 'flags.migStrategy'?"),
+    # camelCase with the wrong case.
+    ({"flags": {"plugin": {"deviceIdStrategy": "index"}}},
+     "unknown key 'flags.plugin.deviceIdStrategy' (ignored); did you mean "
+     "'flags.plugin.deviceIDStrategy'?"),
+    ({"sharing": {"timeslicing": {}}},
+     "unknown key 'sharing.timeslicing' (ignored); did you mean 'sharing.timeSlicing'?"),
+    ({"verison": "v1"}, "unknown key 'verison' (ignored); did you mean 'version'?"),
+    # A valid key in the wrong section: where it belongs.
+    ({"migStrategy": "mixed"},
+     "unknown key 'migStrategy' (ignored); did you mean 'flags.migStrategy'? (that key "
+     "belongs in 'flags')"),
+    ({"flags": {"deviceListStrategy": "cdi-cri"}},
+     "unknown key 'flags.deviceListStrategy' (ignored); did you mean "
+     "'flags.plugin.deviceListStrategy'? (that key belongs in 'flags.plugin')"),
+    # Nothing close: no guess.
+    ({"flags": {"colour": "blue"}}, "unknown key 'flags.colour' (ignored)"),
+])
+def test_unknown_keys_suggest_the_key_that_was_meant(document: dict[str, Any],
+                                                     warning: str) -> None:
+    assert resolve_config({}, {}, document)[1] == [f"config file: {warning}"]
 
 
 def test_pyyaml_is_imported_only_to_load_a_file() -> None:

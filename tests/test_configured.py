@@ -162,6 +162,27 @@ async def test_a_reload_drops_capacity_of_resources_that_go_and_keeps_a_bad_file
     assert text.count("Running with config") >= 2
 
 
+def test_one_plan_per_model_serves_every_resource(tmp_path: pathlib.Path) -> None:
+    # Each resource's source asks for the plan of the node's model; a shared resource
+    # can hold 100,000 devices (#14 item 1), so they share one plan, not one each.
+    from trio_gpu_plugin._discovery import discover
+
+    nvml = SimulatedNVML(node_from("a100-mig"))
+    nvml.nvmlInit()
+    nvml.write_driver_root(tmp_path)
+    model = discover(nvml, tmp_path).model
+    config, _ = resolve_config({"mig_strategy": "mixed"}, {}, None)
+    setup = NodeSetup.read(config, tmp_path)
+    first = setup.plan(model)
+    assert len(first.resources) == 6
+    assert setup.plan(model) is first
+    # A rediscovered node is a new model, planned afresh even when it reads the same.
+    rediscovered = discover(nvml, tmp_path).model
+    assert rediscovered == model and setup.plan(rediscovered) is not first
+    # A reload builds a new NodeSetup, which plans for itself.
+    assert NodeSetup.read(config, tmp_path).plan(model) is not first
+
+
 def test_imex_channels_must_exist_when_required(tmp_path: pathlib.Path,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     from trio_gpu_plugin._config import ConfigError

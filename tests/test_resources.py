@@ -465,7 +465,23 @@ def test_sharing_a_resource_not_on_the_node_only_warns(nodes: dict[str, Node]) -
                      ReplicatedResource("nvidia.com/mig-1g.10gb", 2))
     result = plan(nodes["pcie-4"].model, config(time_slicing=sharing))
     assert [(r.name, len(r.devices)) for r in result.resources] == [("nvidia.com/gpu", 8)]
-    assert len(result.warnings) == 1 and "nvidia.com/mig-1g.10gb" in result.warnings[0]
+    # The entry's key path, what it asked for and what the node has instead (#14 item 6).
+    assert result.warnings == (
+        "sharing.timeSlicing.resources[1].name: no 'nvidia.com/mig-1g.10gb' devices on this "
+        "node, nothing to share (resources on this node: nvidia.com/gpu)",)
+
+
+def test_sharing_on_a_node_whose_gpus_are_renamed_names_the_new_name(
+        nodes: dict[str, Node]) -> None:
+    # resources.gpus renamed the T4s, so an entry for nvidia.com/gpu shares nothing: the
+    # warning shows the name to write instead.
+    renamed = config(gpus=(ResourcePattern("Tesla T4", "nvidia.com/t4"),),
+                     mps=shared(ReplicatedResource("nvidia.com/gpu", 2)))
+    result = plan(nodes["pcie-4"].model, renamed)
+    assert [(r.name, len(r.devices)) for r in result.resources] == [("nvidia.com/t4", 4)]
+    assert result.warnings == (
+        "sharing.mps.resources[0].name: no 'nvidia.com/gpu' devices on this node, nothing to "
+        "share (resources on this node: nvidia.com/t4)",)
 
 
 def test_time_slicing_mig_devices_by_index_and_legacy_uuid(nodes: dict[str, Node]) -> None:

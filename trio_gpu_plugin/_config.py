@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Literal
 
+from ._plan_model import MAX_LIST_AND_WATCH_BYTES, MAX_REPLICAS
+
 __all__ = [
     "FLAGS",
     "FLAG_GROUPS",
     "Config",
+    "ConfigDocument",
     "ConfigError",
     "FlagKind",
     "FlagSpec",
@@ -749,6 +753,30 @@ def _json(value: Any) -> str:
         return repr(value)
 
 
+# The flag-table keys with their sections, for a key written in the wrong section
+# (``migStrategy`` at the top level belongs under ``flags``).
+_ALL_KEYS: Final = tuple(sorted({*_SPECS_BY_KEY, *_FILE_ONLY}))
+
+
+def _suggestion(key: str, path: str, known: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` for an unknown ``key`` at ``path``: a key valid there that
+    differs only in case, else a flag-table key of that name in another section
+    (``migStrategy`` at the top level belongs under ``flags``), else the closest key valid
+    there, else nothing.  Case is ignored: camelCase typos are mostly case."""
+    prefix = f"{path}." if path else ""
+    folded = {k.lower(): k for k in known}
+    if key.lower() in folded:
+        return f"; did you mean '{prefix}{folded[key.lower()]}'?"
+    elsewhere = [full for full in _ALL_KEYS if full.rpartition(".")[2].lower() == key.lower()]
+    if elsewhere:
+        return (f"; did you mean '{elsewhere[0]}'? (that key belongs in "
+                f"'{elsewhere[0].rpartition('.')[0]}')")
+    near = difflib.get_close_matches(key.lower(), list(folded), n=1, cutoff=0.75)
+    if near:
+        return f"; did you mean '{prefix}{folded[near[0]]}'?"
+    return ""
+
+
 class _Reader:
     """Walks one parsed config document, collecting warnings; errors name the key."""
 
@@ -770,7 +798,8 @@ class _Reader:
         for key in node:
             if key not in known:
                 full = f"{path}.{key}" if path else str(key)
-                self.warnings.append(f"{self.source}: unknown key '{full}' (ignored)")
+                self.warnings.append(f"{self.source}: unknown key '{full}' (ignored)"
+                                     f"{_suggestion(str(key), path, known)}")
         return {str(k): v for k, v in node.items() if k in known}
 
     def sequence(self, node: Any, path: str) -> list[Any]:
@@ -933,6 +962,9 @@ class _Reader:
         if replicas < 2:
             raise self.error(f"{path}.replicas",
                              f"number of replicas must be >= 2; found {replicas}")
+        if replicas > MAX_REPLICAS:
+            # Refused here, before planning could try to build that many devices.
+            raise self.error(f"{path}.replicas", _too_many_replicas(replicas))
         # Unlike NVIDIA (#1786), an explicit rename is kept; renameByDefault fills the rest
         # here so that consumers only read ``rename``.
         rename: str | None = None
@@ -973,6 +1005,13 @@ class _Reader:
             return node
         raise self.error(path, f"unsupported type for device in devices list: {_json(node)} "
                                "(a GPU index, a MIG index 'i:j', a GPU UUID or a MIG UUID)")
+
+
+def _too_many_replicas(replicas: int) -> str:
+    return (f"{replicas} replicas can never be served: at most {MAX_REPLICAS} fit in the "
+            f"{MAX_LIST_AND_WATCH_BYTES // (1024 * 1024)} MiB ListAndWatch response the "
+            "kubelet accepts, even for a single GPU (fewer on a node with more GPUs or "
+            "longer device IDs)")
 
 
 _UINT: Final = re.compile(r"\d+")
@@ -1056,6 +1095,8 @@ def resolve_config(cli: Mapping[str, Any], env: Mapping[str, str], document: Any
     allowed, with NVIDIA's error text where NVIDIA has one.
     """
     reader = _Reader(source)
+    if isinstance(document, ConfigDocument):
+        reader.warnings.extend(document.notes)
     resources, sharing = Resources(), Sharing()
     if document is not None:
         resources, sharing = _read_document(reader, document)
@@ -1137,10 +1178,23 @@ def check_platform(config: Config, platform: str) -> None:
 # Loading and showing
 
 
+class ConfigDocument(dict[str, Any]):
+    """A config file's mapping as :func:`load_config_file` read it, with ``notes``: what
+    an operator should hear about how it was read (an empty file, trailing commas).
+    :func:`resolve_config` puts the notes first among its warnings."""
+
+    def __init__(self, mapping: Mapping[str, Any], notes: Sequence[str] = ()) -> None:
+        super().__init__(mapping)
+        self.notes: tuple[str, ...] = tuple(notes)
+
+
 def load_config_file(path: str) -> Any:
-    """The parsed YAML or JSON document of the config file at ``path`` (an empty file
-    gives an empty mapping: all defaults).  Raises :class:`ConfigError` naming the file,
-    and the line and column the parser stopped at."""
+    """The parsed YAML or JSON document of the config file at ``path``; a mapping comes
+    as a :class:`ConfigDocument`.  An empty file (or one with only comments) gives an
+    empty mapping, all defaults, with a note saying so.  JSON with trailing commas is
+    read as YAML reads it, as NVIDIA's plugin does (sigs.k8s.io/yaml: go-yaml takes
+    ``[1, 2,]``), with a note naming the lines.  Raises :class:`ConfigError` naming the
+    file, and the line and column the parser stopped at."""
     # PyYAML is only needed (and imported) when there is a config file.
     import yaml
 
@@ -1152,11 +1206,14 @@ def load_config_file(path: str) -> Any:
         raise ConfigError(f"{where}: cannot read it: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{where}: not UTF-8 text: {exc}") from None
+    if not text.strip():
+        # Blank lines with tabs would be a YAML error; an empty file is what was meant.
+        return _document({}, [_empty_note(where)])
     json_error: json.JSONDecodeError | None = None
     if text.lstrip().startswith(("{", "[")):
         # JSON first: PyYAML (YAML 1.1) refuses some valid JSON, such as tab indentation.
         try:
-            return json.loads(text)
+            return _document(json.loads(text), ())
         except json.JSONDecodeError as exc:
             json_error = exc
     try:
@@ -1166,7 +1223,42 @@ def load_config_file(path: str) -> Any:
             raise ConfigError(f"{where}: invalid JSON at line {json_error.lineno}, column "
                               f"{json_error.colno}: {json_error.msg}") from None
         raise ConfigError(f"{where}: invalid YAML{_yaml_position(exc)}") from None
-    return {} if document is None else document
+    notes: list[str] = []
+    if document is None:
+        notes.append(_empty_note(where))
+        document = {}
+    if json_error is not None:
+        lines = _trailing_comma_lines(text)
+        if lines:
+            listed = ", ".join(str(n) for n in lines)
+            many = len(lines) > 1
+            notes.append(f"{where}: trailing comma{'s' if many else ''} on line"
+                         f"{'s' if many else ''} {listed}, which JSON does not allow; read "
+                         "as YAML, which allows them (as NVIDIA's plugin reads the file); "
+                         "remove them so that JSON tools can read it too")
+    return _document(document, notes)
+
+
+def _empty_note(where: str) -> str:
+    return (f"{where} is empty (or holds only comments): it configures nothing; flags, "
+            "environment variables and built-in defaults apply")
+
+
+def _document(document: Any, notes: Sequence[str]) -> Any:
+    # A document that is not a mapping is refused by resolve_config, notes or not.
+    return ConfigDocument(document, notes) if isinstance(document, dict) else document
+
+
+# A JSON string (skipped, so that commas inside one do not count) or a comma followed
+# only by blanks and a closing bracket.
+_JSON_STRING_OR_TRAILING_COMMA: Final = re.compile(r'"(?:[^"\\]|\\.)*"|,(?=\s*[\]}])')
+
+
+def _trailing_comma_lines(text: str) -> list[int]:
+    """The line numbers (from 1) of commas that end a JSON array or object."""
+    return list(dict.fromkeys(text.count("\n", 0, match.start()) + 1
+                              for match in _JSON_STRING_OR_TRAILING_COMMA.finditer(text)
+                              if match.group() == ","))
 
 
 def _yaml_position(exc: Exception) -> str:

@@ -76,6 +76,10 @@ class NodeSetup:
     root: str
     mig_minors: dict[tuple[int, int, int | None], int] | None
     context: AllocateContext
+    # The last model planned and its plan: every resource's source asks for the plan of
+    # the same model, and a shared resource may hold 100,000 devices; one plan serves all.
+    _last_plan: list[tuple[NodeModel, PlanResult]] = dataclasses.field(
+        default_factory=list, init=False, compare=False, repr=False)
 
     @classmethod
     def read(cls, config: Config, root: str | os.PathLike[str]) -> NodeSetup:
@@ -111,8 +115,14 @@ class NodeSetup:
         return roots
 
     def plan(self, model: NodeModel) -> PlanResult:
-        """The resources to serve on ``model`` (raises ``ConfigError`` with NVIDIA's texts)."""
-        return plan(model, self.config, self.mig_minors)
+        """The resources to serve on ``model`` (raises ``ConfigError`` with NVIDIA's texts);
+        planned once per model (the same object), however many resources ask."""
+        for planned_model, result in self._last_plan:
+            if planned_model is model:
+                return result
+        result = plan(model, self.config, self.mig_minors)
+        self._last_plan[:] = [(model, result)]
+        return result
 
     def resources(self, node: NvmlNode, result: PlanResult) -> list[Resource]:
         """One :class:`Resource` per planned resource, sourced from ``node``, with the

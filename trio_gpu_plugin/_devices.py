@@ -30,7 +30,9 @@ __all__ = [
 ]
 
 
-@dataclasses.dataclass(frozen=True)
+# Slots: a shared resource may list 100,000 devices, and the list is held twice (the
+# source's last list and the service's table).
+@dataclasses.dataclass(frozen=True, slots=True)
 class DeviceInfo:
     """One device as the kubelet sees it.
 
@@ -92,7 +94,8 @@ def first_fit(available: Sequence[DeviceInfo], must_include: Sequence[str], size
     preferring those on a NUMA node the must-include devices already use.
 
     Always a valid answer: no more than ``size`` IDs, all taken from ``available`` (the
-    kubelet fills in or cuts whatever it gets anyway; see kubelet.md §4.3).
+    kubelet fills in or cuts whatever it gets anyway; see devicesToAllocate in the
+    kubelet's pkg/kubelet/cm/devicemanager/manager.go).
     """
     known = {d.id: d for d in available}
     chosen = [i for i in dict.fromkeys(must_include) if i in known][:size]

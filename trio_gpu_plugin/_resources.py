@@ -25,7 +25,14 @@ from typing import Final, TypeAlias
 from ._config import Config, ConfigError, ReplicatedResource, ResourcePattern
 from ._health import gpu_units, mig_units
 from ._node_model import GpuInfo, MigInfo, NodeModel
-from ._plan_model import PlannedDevice, PlannedResource
+from ._plan_model import (
+    MAX_LIST_AND_WATCH_BYTES,
+    PlannedDevice,
+    PlannedResource,
+    list_and_watch_bytes,
+    max_replicas,
+    replicas_bytes,
+)
 
 __all__ = [
     "MigMinors",
@@ -330,12 +337,22 @@ def _select(model: NodeModel, entry: ReplicatedResource, name: str,
 
 def _replicas(device: PlannedDevice, count: int) -> list[PlannedDevice]:
     # Same units, paths and topology: one health event on the device marks every replica.
-    return [dataclasses.replace(device, id=f"{device.id}::{n}", replica=n) for n in range(count)]
+    # Built field by field: dataclasses.replace costs three times as much, and a shared
+    # resource may hold a hundred thousand replicas.
+    return [PlannedDevice(id=f"{device.id}::{n}", uuid=device.uuid, index=device.index,
+                          replica=n, units=device.units, numa_nodes=device.numa_nodes,
+                          paths=device.paths, memory_bytes=device.memory_bytes,
+                          compute_capability=device.compute_capability)
+            for n in range(count)]
 
 
 def _share(model: NodeModel, config: Config, devices: dict[str, list[PlannedDevice]],
            warnings: list[str]) -> dict[str, list[PlannedDevice]]:
-    """NVIDIA's ``updateDeviceMapWithReplicas`` with ``rename`` and ``devices`` honoured."""
+    """NVIDIA's ``updateDeviceMapWithReplicas`` with ``rename`` and ``devices`` honoured.
+
+    Every resource that gets replicas is checked against the kubelet's message limit
+    (:func:`_check_shares`) before any replica is formed, so a count far too large is
+    refused at the cost of a few sums, not after building millions of devices."""
     active = config.sharing.active
     if active is None:
         return devices
@@ -343,12 +360,14 @@ def _share(model: NodeModel, config: Config, devices: dict[str, list[PlannedDevi
     where = f"sharing.{'mps' if strategy == 'mps' else 'timeSlicing'}.resources"
     result = {name: list(found) for name, found in devices.items()}
     claimed: dict[tuple[str, str], int] = {}
+    shares: list[_Share] = []
     for number, entry in enumerate(active.resources):
         name = full_resource_name(entry.name)
         available = devices.get(name, [])
         if not available:
-            warnings.append(f"{where}[{number}]: no '{name}' devices on this node; "
-                            "nothing to share")
+            present = ", ".join(sorted(devices)) or "none"
+            warnings.append(f"{where}[{number}].name: no '{name}' devices on this node, "
+                            f"nothing to share (resources on this node: {present})")
             continue
         chosen = _select(model, entry, name, available, f"{where}[{number}]")
         if strategy == "mps" and any(device.is_mig for device in chosen):
@@ -367,13 +386,68 @@ def _share(model: NodeModel, config: Config, devices: dict[str, list[PlannedDevi
             target = f"{name}.shared"
         else:
             target = name
-        result.setdefault(target, []).extend(
-            replica for device in chosen for replica in _replicas(device, entry.replicas))
+        shares.append(_Share(f"{where}[{number}]", entry.replicas, chosen, target))
+    _check_shares(result, shares)
+    for share in shares:
+        result.setdefault(share.target, []).extend(
+            replica for device in share.devices for replica in _replicas(device, share.replicas))
     return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _Share:
+    """One sharing entry as planned: its key path, its devices and where replicas go."""
+
+    path: str
+    replicas: int
+    devices: list[PlannedDevice]
+    target: str
+
+    def bytes(self) -> int:
+        """What its replicas add to the target's ListAndWatchResponse."""
+        return sum(replicas_bytes(d.id, d.numa_nodes, self.replicas) for d in self.devices)
+
+
+def _limit_text() -> str:
+    return (f"the kubelet takes at most {MAX_LIST_AND_WATCH_BYTES} bytes "
+            f"({MAX_LIST_AND_WATCH_BYTES // (1024 * 1024)} MiB) in one ListAndWatch response")
+
+
+def _check_shares(result: Mapping[str, Sequence[PlannedDevice]], shares: Sequence[_Share]) -> None:
+    """Raise :class:`PlanError` naming the entry's ``replicas`` key, the device count, the
+    limit and the most replicas that would fit, if a resource's device list with these
+    replicas would be larger than the kubelet takes."""
+    for target in dict.fromkeys(share.target for share in shares):
+        into = [share for share in shares if share.target == target]
+        plain = result.get(target, ())
+        plain_bytes = list_and_watch_bytes((d.id, d.numa_nodes) for d in plain)
+        total = plain_bytes + sum(share.bytes() for share in into)
+        if total <= MAX_LIST_AND_WATCH_BYTES:
+            continue
+        # The last entry filling the resource is the one to shrink; the others stay.
+        last = into[-1]
+        others = plain_bytes + sum(share.bytes() for share in into[:-1])
+        fits = max_replicas([(d.id, d.numa_nodes) for d in last.devices],
+                            MAX_LIST_AND_WATCH_BYTES - others)
+        count = len(plain) + sum(share.replicas * len(share.devices) for share in into)
+        advice = (f"at most {fits} replicas fit here" if fits >= 2 else
+                  f"not even 2 replicas fit beside the {count - last.replicas * len(last.devices)}"
+                  " other devices")
+        raise PlanError(f"{last.path}.replicas: {last.replicas} replicas of "
+                        f"{len(last.devices)} device(s) would give '{target}' {count} devices, "
+                        f"a device list of {total} bytes; {_limit_text()}, so {advice} on this "
+                        "node")
 
 
 # --------------------------------------------------------------------------------------
 # The plan
+
+
+def _check_size(name: str, devices: Sequence[PlannedDevice]) -> None:
+    size = list_and_watch_bytes((d.id, d.numa_nodes) for d in devices)
+    if size > MAX_LIST_AND_WATCH_BYTES:
+        raise PlanError(f"'{name}': {len(devices)} devices make a device list of {size} "
+                        f"bytes; {_limit_text()}")
 
 
 def plan(model: NodeModel, config: Config, mig_minors: MigMinors | None = None) -> PlanResult:
@@ -389,7 +463,10 @@ def plan(model: NodeModel, config: Config, mig_minors: MigMinors | None = None) 
     parent's node and their GI and CI capability nodes, and a missing entry raises;
     without it (``None``, for callers that pass no device specs) only the parent's node.
 
-    Raises :class:`PlanError` when the node cannot be served with this configuration.
+    Raises :class:`PlanError` when the node cannot be served with this configuration,
+    including a resource whose device list would not fit in the kubelet's 4 MiB
+    ListAndWatch message (:data:`~trio_gpu_plugin._plan_model.MAX_LIST_AND_WATCH_BYTES`):
+    the error names the sharing entry's ``replicas`` and how many would fit.
     """
     warnings: list[str] = []
     devices = _device_map(model, config, mig_minors, warnings)
@@ -400,6 +477,9 @@ def plan(model: NodeModel, config: Config, mig_minors: MigMinors | None = None) 
         if not found:
             continue
         is_shared = any(device.replica is not None for device in found)
+        if not is_shared:
+            # Shared resources were checked before their replicas were formed.
+            _check_size(name, found)
         resources.append(PlannedResource(
             name=name, socket_name=socket_name(name), devices=tuple(found),
             sharing=config.sharing.strategy if is_shared else "none",
