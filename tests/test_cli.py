@@ -152,7 +152,7 @@ async def test_with_fail_on_init_error_false_it_keeps_trying_and_stops_cleanly(
     try:
         output = b""
         with trio.fail_after(HANG_GUARD):
-            while output.count(b"NVML unavailable") < 2:
+            while b"NVML unavailable" not in output:  # one WARNING; the retries are at debug level
                 output += await process.stderr.receive_some()
         assert not fake_kubelet.registrations
         process.send_signal(signal.SIGTERM)

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import functools
 import logging
+import pathlib
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import h11
+import pynvml
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from trio_gpu_plugin import DevicePlugin, Resource, _runtime
+from trio_gpu_plugin import DevicePlugin, NvmlNode, Resource, RpcError, StatusCode, _runtime
+from trio_gpu_plugin._health import HealthChecks
 from trio_gpu_plugin._metrics import (
     LIVE_CHECK_TIMEOUT,
     LIVENESS_GRACE,
@@ -24,6 +28,7 @@ from trio_gpu_plugin._metrics import (
     parse_address,
     serve_metrics,
 )
+from trio_gpu_plugin._nvml_sim import SimulatedNVML, node_from
 from trio_gpu_plugin._observe import Observer, Problem
 from trio_gpu_plugin._watch import Identity, PathWatcher
 from trio_gpu_plugin.proto import v1beta1
@@ -403,6 +408,84 @@ async def test_concurrent_probes_share_one_dial_and_a_slow_one_blocks_nothing_el
         assert answers == []
         release.set()
     assert answers == [(200, b"ok\n")] * 6
+
+
+# --- probes that say why (the text `kubectl describe pod` shows of a failing probe) --------
+
+
+async def until_body(port: int, target: str, text: str) -> tuple[int, str]:
+    """Probe ``target`` until its answer contains ``text``; that answer."""
+    with trio.fail_after(HANG_GUARD):
+        while True:
+            status, _, body = await get(port, target)
+            if text in body.decode():
+                return status, body.decode()
+            await trio.sleep(0.01)
+
+
+async def test_probes_say_the_kubelet_socket_does_not_exist(
+    nursery: trio.Nursery, served: tuple[Metrics, int], simulated_node: SimulatedDeviceSource,
+    socket_dir: pathlib.Path,
+) -> None:
+    metrics, port = served
+    kubelet_socket = socket_dir / "kubelet.sock"  # no kubelet on this node
+    plugin = DevicePlugin([Resource(GPU, simulated_node, PLUGIN_SOCKET)],
+                          kubelet_socket=kubelet_socket, observer=metrics)
+    nursery.start_soon(plugin.run)
+    why = f"waiting for the kubelet: {kubelet_socket} does not exist"
+    for target in ("/healthz", "/readyz"):
+        status, body = await until_body(port, target, why)
+        assert status == 503
+        assert re.fullmatch(rf"{re.escape(GPU)}: not registered with the kubelet for \d+ s: "
+                            rf"{re.escape(why)}\n", body), body
+
+
+async def test_probes_say_nvml_is_unavailable_and_why(
+    nursery: trio.Nursery, served: tuple[Metrics, int], tmp_path: pathlib.Path,
+) -> None:
+    metrics, port = served
+    nvml = SimulatedNVML(node_from("pcie-4"), init_error=pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+    nvml.write_driver_root(tmp_path)
+    # No driver: the node retries, and no resource can be planned before NVML answers.
+    node = NvmlNode(nvml, root=tmp_path, checks=HealthChecks(), fail_on_init_error=False,
+                    retry_initial=0.01, retry_cap=0.05, observer=metrics)
+    nursery.start_soon(node.run)
+    for target in ("/healthz", "/readyz"):
+        assert await until_body(port, target, "NVML") == (
+            503, "NVML unavailable: Driver Not Loaded\n")
+    nvml.set_init_error(None)
+    with trio.fail_after(HANG_GUARD):
+        await node.wait_model()
+    # NVML answers; the probes wait for the resources built from it now.
+    assert await until_body(port, "/readyz", "starting") == (
+        503, "starting: no resource known yet\n")
+
+
+class RefusingKubelet(FakeKubelet):
+    """Refuses every Register with the kubelet's reason."""
+
+    reason = "device manager is not ready"
+
+    async def _register(self, generation: Any, request: v1beta1.RegisterRequest) -> v1beta1.Empty:
+        raise RpcError(StatusCode.UNKNOWN, self.reason)
+
+
+async def test_probes_give_the_kubelets_reason_for_refusing_the_registration(
+    nursery: trio.Nursery, served: tuple[Metrics, int], simulated_node: SimulatedDeviceSource,
+    socket_dir: pathlib.Path,
+) -> None:
+    metrics, port = served
+    kubelet = RefusingKubelet(socket_dir)
+    await nursery.start(kubelet.run)
+    plugin = DevicePlugin([Resource(GPU, simulated_node, PLUGIN_SOCKET)],
+                          kubelet_socket=kubelet.kubelet_socket, observer=metrics)
+    nursery.start_soon(plugin.run)
+    for target in ("/healthz", "/readyz"):
+        status, body = await until_body(port, target, RefusingKubelet.reason)
+        assert status == 503
+        assert re.fullmatch(rf"{re.escape(GPU)}: not registered with the kubelet for \d+ s: "
+                            rf"the kubelet refused the registration \(retrying\): "
+                            rf"{RefusingKubelet.reason}\n", body), body
 
 
 # --- /metrics ----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from trio_gpu_plugin._devices import DeviceInfo
 from trio_gpu_plugin._discovery import DiscoveryError, discover, numa_node_path
 from trio_gpu_plugin._mig_profiles import profile_name
 from trio_gpu_plugin._health import HealthChecks
+from trio_gpu_plugin._logging import REMINDER_INTERVAL
 from trio_gpu_plugin._nvml_sim import PRESETS, SimulatedNVML, node_from
 from trio_gpu_plugin._nvml_source import (
     NvmlInitError,
@@ -376,19 +377,55 @@ async def test_without_fail_on_init_error_it_retries_and_starts_once_nvml_works(
         await nursery.start(node.run)
         started.set()
 
-    nursery.start_soon(run)
-    await trio.sleep(1.5)
-    assert not started.is_set() and node.model is None
-    retries = [r.getMessage() for r in caplog.records if "NVML unavailable" in r.getMessage()]
-    # One line per back-off step (0.01 s doubling to 0.16 s, with jitter): a bounded
-    # trickle, where NVIDIA's wait loop logs nothing and its event loop floods (#669).
-    assert 5 <= len(retries) <= 1.5 / 0.08 + 5, len(retries)
-    assert "Driver Not Loaded" in retries[0] and "nvidia-smi" in retries[0]
-    assert "nvidia-smi" not in retries[1]  # the hint once, not on every line
-    nvml.set_init_error(None)
-    with trio.fail_after(HANG_GUARD):
-        await started.wait()
+    def retries() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "NVML unavailable" in r.getMessage()]
+
+    with caplog.at_level(logging.DEBUG, "trio_gpu_plugin.nvml"):
+        nursery.start_soon(run)
+        with trio.fail_after(HANG_GUARD):
+            while len(retries()) < 5:
+                await trio.sleep(0.01)
+        assert not started.is_set() and node.model is None
+        # One WARNING, saying what to check; the back-off steps after it at debug level.
+        [warning] = [r.getMessage() for r in retries() if r.levelno >= logging.WARNING]
+        assert "Driver Not Loaded" in warning and "nvidia-smi" in warning
+        # The flag is false already: advising to set it would be no advice at all.
+        assert "--fail-on-init-error" not in caplog.text
+        nvml.set_init_error(None)
+        with trio.fail_after(HANG_GUARD):
+            await started.wait()
     assert node.model is not None and len(node.model.gpus) == 4
+
+
+async def test_a_missing_driver_is_one_warning_then_a_reminder_every_ten_minutes(
+        nursery: trio.Nursery, root: pathlib.Path, caplog: pytest.LogCaptureFixture,
+        autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    node = NvmlNode(simulated("pcie-4", root), root=root, checks=HealthChecks(),
+                    fail_on_init_error=False)  # the default back-off: up to every 30 s
+    attempts = 0
+
+    async def no_driver() -> None:
+        # What init gives without a driver, without the worker thread: the mock clock
+        # would jump past a thread that is still running.
+        nonlocal attempts
+        attempts += 1
+        await trio.lowlevel.checkpoint()
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+
+    monkeypatch.setattr(node, "_start_session", no_driver)
+    with caplog.at_level(logging.DEBUG, "trio_gpu_plugin.nvml"):
+        nursery.start_soon(node.run)
+        await trio.sleep(25 * 60)
+    assert REMINDER_INTERVAL == 600
+    lines = [r for r in caplog.records if "NVML" in r.getMessage()]
+    said = [r.getMessage() for r in lines if r.levelno >= logging.WARNING]
+    # ~50 back-off steps in 25 minutes; three lines say so: at first, after 10 and 20 min.
+    assert attempts > 40
+    assert len(said) == 3, said
+    assert said[0].startswith("NVML unavailable: Driver Not Loaded; retrying in ")
+    assert said[1].startswith("NVML still unavailable after 10 min: Driver Not Loaded")
+    assert said[2].startswith("NVML still unavailable after 20 min: Driver Not Loaded")
+    assert sum(r.levelno == logging.DEBUG for r in lines) == attempts - 3
 
 
 async def test_nvml_dying_mid_run_marks_everything_then_recovers(

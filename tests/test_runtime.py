@@ -28,6 +28,7 @@ from trio_gpu_plugin import (
     open_unix_channel,
 )
 from trio_gpu_plugin import _runtime
+from trio_gpu_plugin._config import ConfigError
 from trio_gpu_plugin._watch import Identity, PathWatcher
 from trio_gpu_plugin.proto import v1beta1
 from trio_gpu_plugin.testing import FakeKubelet, SimulatedDeviceSource
@@ -426,3 +427,78 @@ def test_resource_names_and_socket_names_are_checked() -> None:
         Resource(GPU, source, "../a.sock")
     with pytest.raises(ValueError, match="share a socket_name"):
         DevicePlugin([Resource(GPU, source, "a.sock"), Resource("nvidia.com/mig", source, "a.sock")])
+
+
+# --- operator edges (issue 14) ----------------------------------------------------------
+
+
+async def until_logged(caplog: pytest.LogCaptureFixture, text: str) -> logging.LogRecord:
+    with trio.fail_after(HANG_GUARD):
+        while True:
+            for record in caplog.records:
+                if text in record.getMessage():
+                    return record
+            await trio.sleep(0.01)
+
+
+def runtime_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "trio_gpu_plugin.runtime" and r.levelno >= logging.WARNING]
+
+
+async def test_a_refusal_from_a_crashed_kubelets_socket_before_its_successor_is_not_a_warning(
+    nursery: trio.Nursery, fake_kubelet: FakeKubelet, simulated_node: SimulatedDeviceSource,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await start_plugin(nursery, fake_kubelet, simulated_node)
+    await fake_kubelet.wait_registered(GPU)
+    with caplog.at_level(logging.INFO, "trio_gpu_plugin.runtime"):
+        # The kubelet crashes (kubelet.sock stays behind, refusing connections); its
+        # successor deletes our socket first, and replaces kubelet.sock only after.
+        await fake_kubelet.kill()
+        plugin_socket(fake_kubelet).unlink()
+        refused = await until_logged(caplog, "Connection refused")
+        await fake_kubelet.restart()
+        await fake_kubelet.wait_registered(GPU, count=2)
+    assert refused.levelno == logging.INFO
+    assert "does not answer" in refused.getMessage()
+    assert f"a warning follows if it does not within {_runtime.KUBELET_GONE_GRACE:g} s" in \
+        refused.getMessage()
+    assert runtime_warnings(caplog) == []
+
+
+async def test_a_kubelet_socket_that_keeps_refusing_past_the_bound_is_warned_about_once(
+    nursery: trio.Nursery, fake_kubelet: FakeKubelet, simulated_node: SimulatedDeviceSource,
+    caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock,
+) -> None:
+    plugin = await start_plugin(nursery, fake_kubelet, simulated_node)
+    await fake_kubelet.wait_registered(GPU)
+    with caplog.at_level(logging.INFO, "trio_gpu_plugin.runtime"):
+        await fake_kubelet.kill()  # and no kubelet ever comes back
+        plugin_socket(fake_kubelet).unlink()
+        await trio.sleep(_runtime.KUBELET_GONE_GRACE / 2)
+        assert runtime_warnings(caplog) == []  # within the bound: a restart, probably
+        await trio.sleep(_runtime.KUBELET_GONE_GRACE + 120)
+    [warning] = runtime_warnings(caplog)
+    assert f"{GPU}: registration with the kubelet failed for " in warning
+    assert f"cannot connect to {fake_kubelet.kubelet_socket}: [Errno 111] Connection refused" \
+        in warning
+    [problem] = await plugin.check(GPU)
+    assert problem.text.endswith(
+        f"registration failed (retrying): UNAVAILABLE: cannot connect to "
+        f"{fake_kubelet.kubelet_socket}: [Errno 111] Connection refused")
+
+
+async def test_a_kubelet_socket_that_is_a_directory_is_refused_at_start_naming_the_flag(
+    simulated_node: SimulatedDeviceSource, socket_dir: pathlib.Path,
+) -> None:
+    # The kubelet's socket directory given for its socket: the plugin would serve in the
+    # directory above and be refused by a directory on every Register.
+    plugin = DevicePlugin([Resource(GPU, simulated_node, "nvidia-gpu.sock")],
+                          kubelet_socket=socket_dir)
+    with pytest.raises(ConfigError) as refused:
+        await plugin.run()
+    assert str(refused.value).startswith(
+        f"--kubelet-socket {socket_dir}: is a directory, not a socket path; give the "
+        f"kubelet's registration socket, such as {socket_dir / 'kubelet.sock'}")
+    assert os.listdir(socket_dir) == []  # nothing served in it

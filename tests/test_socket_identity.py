@@ -22,7 +22,15 @@ from typing import Any
 import pytest
 import trio
 
-from trio_gpu_plugin import DevicePlugin, Resource, Service, open_unix_channel, serve_unix
+from trio_gpu_plugin import (
+    DevicePlugin,
+    Resource,
+    Service,
+    SocketInUseError,
+    open_unix_channel,
+    serve_unix,
+)
+from trio_gpu_plugin._logging import REMINDER_INTERVAL
 from trio_gpu_plugin._watch import identity
 from trio_gpu_plugin.proto import v1beta1
 from trio_gpu_plugin.testing import FakeKubelet, SimulatedDeviceSource
@@ -139,6 +147,31 @@ async def test_a_second_server_given_a_served_socket_is_refused_and_the_first_ke
         second.cancel_scope.cancel()
 
 
+async def test_a_socket_bound_by_another_process_after_we_looked_is_refused_as_in_use(
+    nursery: trio.Nursery, socket_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = socket_dir / "p.sock"
+    real_lstat = os.lstat
+    looked = False
+
+    def lstat(target: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal looked
+        if not looked and os.fspath(target) == os.fspath(path):
+            looked = True
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        return real_lstat(target, *args, **kwargs)
+
+    with listen(path):  # bound by another instance between our look and our bind
+        theirs = identity(path)
+        monkeypatch.setattr(os, "lstat", lstat)
+        with pytest.raises(SocketInUseError) as refused:
+            await nursery.start(serve_unix, path, service())
+        monkeypatch.undo()
+        assert looked and refused.value.errno == errno.EADDRINUSE
+        assert f"{path}: another process serves this socket" in str(refused.value)
+        assert identity(path) == theirs
+
+
 async def test_a_socket_whose_listener_has_gone_is_replaced(socket_dir: pathlib.Path) -> None:
     path = socket_dir / "p.sock"
     listen(path).close()  # what a killed process leaves: the file, refusing connections
@@ -158,19 +191,52 @@ async def test_the_plugin_says_once_that_another_process_serves_its_socket_then_
                           kubelet_socket=fake_kubelet.kubelet_socket)
 
     def refusals() -> list[logging.LogRecord]:
-        return [r for r in caplog.records if "cannot serve" in r.getMessage()]
+        return [r for r in caplog.records if "served by another process" in r.getMessage()]
 
     with caplog.at_level(logging.DEBUG, "trio_gpu_plugin.runtime"):
         other = listen(path)  # a second plugin instance given the same socket, say
         with other:
+            served = identity(path)
             nursery.start_soon(plugin.run)
             with trio.fail_after(HANG_GUARD):
                 while len(refusals()) < 3:
                     await trio.sleep(0.01)
+            assert identity(path) == served  # never replaced while it is served
+            assert fake_kubelet.registrations == []
+            [problem] = await plugin.check(gpu)
+            assert f"{path} is served by another process" in problem.text
+        # The other process has gone (killed: its file stays, refusing connections).
         await fake_kubelet.wait_registered(gpu, timeout=HANG_GUARD)
-    warnings = [r for r in refusals() if r.levelno == logging.WARNING]
-    assert len(warnings) == 1
-    assert f"{path}: another process serves this socket" in warnings[0].getMessage()
+    errors = [r for r in refusals() if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and errors[0].levelno == logging.ERROR
+    message = errors[0].getMessage()
+    assert f"{gpu}: {path} is served by another process" in message
+    assert "another instance of this plugin" in message
+    assert "NVIDIA's device plugin still running" in message
+    assert any(f"{path} is no longer served by another process" in r.getMessage()
+               for r in caplog.records)
+
+
+async def test_while_another_process_keeps_the_socket_a_reminder_comes_every_ten_minutes(
+    nursery: trio.Nursery, fake_kubelet: FakeKubelet, simulated_node: SimulatedDeviceSource,
+    caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    gpu = "nvidia.com/gpu"
+    path = fake_kubelet.socket_dir / "nvidia-gpu.sock"
+    plugin = DevicePlugin([Resource(gpu, simulated_node, "nvidia-gpu.sock")],
+                          kubelet_socket=fake_kubelet.kubelet_socket)
+    with caplog.at_level(logging.DEBUG, "trio_gpu_plugin.runtime"), listen(path):
+        nursery.start_soon(plugin.run)
+        await trio.sleep(25 * 60)
+        tries = [r for r in caplog.records if "served by another process" in r.getMessage()]
+    assert REMINDER_INTERVAL == 600
+    # Tried every few seconds all along; said at the start, after 10 and after 20 min.
+    assert len(tries) > 100
+    said = [r.getMessage() for r in tries if r.levelno >= logging.WARNING]
+    assert len(said) == 3, said
+    assert [("still served" in m, "after 10 min" in m, "after 20 min" in m) for m in said] == [
+        (False, False, False), (True, True, False), (True, False, True)]
+    assert fake_kubelet.registrations == []
 
 
 async def test_a_socket_that_cannot_be_probed_is_left_alone_with_the_reason(

@@ -124,6 +124,12 @@ class HealthStatus:
     add dials.  The round runs in the probing request's own task: a slow one holds up
     only the probes waiting for it, never the server's other requests.
 
+    Until a resource is known the probes fail with why: ``NVML unavailable: <error>``
+    while NVML was last reported down (the plugin builds its resources from what NVML
+    finds, so none can come before it answers), else ``starting: no resource known yet``.
+    Once resources are known, each resource's lines name it and say why (its live check
+    waits for the kubelet, names the kubelet's refusal, a socket another process holds).
+
     Liveness (:meth:`healthz`) is ok when at least one resource is known and none has a
     problem, except problems the plugin repairs by itself (:attr:`Problem.since`) that
     began less than ``grace`` seconds ago, once a probe has been answered ok: before
@@ -213,6 +219,10 @@ class HealthStatus:
     async def _problems(self, probe: Literal["liveness", "readiness"]) -> list[str]:
         if not self._resources and not self._checks:
             await trio.lowlevel.checkpoint()
+            if self._nvml_up is False:
+                # The commonest reason a fresh pod has no resource: no driver.  It is what
+                # `kubectl describe pod` shows of a failing probe, so say it.
+                return [f"NVML unavailable: {self._nvml_reason or 'no reason given'}"]
             return ["starting: no resource known yet"]
         found = await self._look() if self._checks else {}
         now = trio.current_time()
@@ -255,7 +265,7 @@ class HealthStatus:
         """``(ok, text)`` for the readiness probe: every problem, forgiving none, plus NVML
         down."""
         problems = await self._problems("readiness")
-        if self._nvml_up is False:
+        if self._nvml_up is False and (self._resources or self._checks):
             problems.append(f"nvml: down: {self._nvml_reason}" if self._nvml_reason
                             else "nvml: down")
         ok, text = _verdict(problems)

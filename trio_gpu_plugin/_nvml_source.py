@@ -14,8 +14,11 @@ one nursery until NVML fails:
   retirement or row remap is pending (NVIDIA's plugin never recovers, #234).
 
 If NVML fails (init at start, or a wait or probe later), every device is marked Unhealthy,
-one line is logged per back-off step, and the loop starts a new session once NVML
-answers again.  Health lives in a :class:`HealthTracker` that outlives sessions.
+the failure is logged as a WARNING once and then as a reminder at most every
+:data:`~trio_gpu_plugin._logging.REMINDER_INTERVAL` seconds while it lasts (each back-off
+step in between at debug level), the observer is told why NVML is down (the health
+endpoints say it), and the loop starts a new session once NVML answers again.  Health
+lives in a :class:`HealthTracker` that outlives sessions.
 
 NVML calls can hang (a GPU wedged in the driver).  A worker thread stuck in one cannot
 be interrupted, so every call that may hang has a deadline (``call_timeout``) on the trio
@@ -60,6 +63,7 @@ from ._health import (
     mig_units,
     units_for_event,
 )
+from ._logging import Reminder
 from ._node_model import GpuInfo, NodeModel
 from ._nvml import (
     DEVICE_ERRORS,
@@ -103,11 +107,13 @@ CALL_TIMEOUT: Final = 10.0
 #: How long ending a session waits for probe threads still in NVML before nvmlShutdown.
 SHUTDOWN_GRACE: Final = 0.5
 
-_INIT_HINT: Final = (
+_DRIVER_HINT: Final = (
     "check that the NVIDIA driver is loaded on this node (nvidia-smi works there), that the "
     "container runs with the NVIDIA runtime or has libnvidia-ml.so.1 mounted, and that "
-    "NVIDIA_VISIBLE_DEVICES=all and NVIDIA_DRIVER_CAPABILITIES includes 'utility'; "
-    "or set --fail-on-init-error=false to keep retrying")
+    "NVIDIA_VISIBLE_DEVICES=all and NVIDIA_DRIVER_CAPABILITIES includes 'utility'")
+# Only where the plugin gives up: offered to a plugin that is retrying already (the flag
+# is false, or NVML had started once), the flag would be no advice at all.
+_INIT_HINT: Final = f"{_DRIVER_HINT}; or set --fail-on-init-error=false to keep retrying"
 
 
 class NvmlInitError(RuntimeError):
@@ -501,7 +507,9 @@ class NvmlNode:
         for problem in self.checks.problems:
             log.warning("%s", problem)
         attempt = 0
-        last_failure = ""
+        # One WARNING per distinct failure and a reminder now and then, not one per
+        # back-off step: a node without a driver retries every 30 s for ever.
+        unavailable = Reminder()
         reported = False
 
         def ready() -> None:
@@ -521,17 +529,25 @@ class NvmlNode:
                     raise NvmlInitError(f"NVML could not start: {failure}; {_INIT_HINT}") from exc
                 delay = _backoff(attempt, self.retry_initial, self.retry_cap)
                 attempt += 1
-                # One line per back-off step: the steps double up to the cap, so a
-                # node whose driver is gone for a day logs a few thousand lines, not
-                # millions (NVIDIA #669).
-                log.warning("NVML unavailable: %s; retrying in %.1f s%s", failure, delay,
-                            "" if failure == last_failure else f" ({_INIT_HINT})")
-                last_failure = failure
+                self.observer.nvml_up(False, failure)
+                due = unavailable.due(failure)
+                if due == "first":
+                    log.warning("NVML unavailable: %s; retrying in %.1f s, backing off to every "
+                                "%g s (a reminder every %.0f min while it lasts) (%s)", failure,
+                                delay, self.retry_cap, unavailable.interval / 60, _DRIVER_HINT)
+                elif due == "reminder":
+                    log.warning("NVML still unavailable after %.0f min: %s; still retrying "
+                                "(attempt %d, next in %.1f s)", unavailable.lasted / 60,
+                                failure, attempt, delay)
+                else:
+                    log.debug("NVML unavailable: %s; retrying in %.1f s (attempt %d)",
+                              failure, delay, attempt)
                 if self._mark(self._all_units(), f"NVML unavailable: {failure}"):
                     self.notify()
                 await trio.sleep(delay)
                 continue
             model = self._install(result)
+            unavailable.clear()
             self.observer.nvml_up(True)
             began = trio.current_time()
             try:
@@ -551,14 +567,15 @@ class NvmlNode:
                 # A session that lasted starts the back-off over; one that failed at once
                 # (NVML flapping) keeps doubling it, so flapping cannot flood the log.
                 attempt = 0
-            self.observer.nvml_up(False)
+            self.observer.nvml_up(False, failure)
             log.warning("NVML failed: %s; all devices marked Unhealthy until it answers again",
                         failure)
             if self._mark(self._all_units(), f"NVML failed: {failure}"):
                 self.notify()
             delay = _backoff(attempt, self.retry_initial, self.retry_cap)
             attempt += 1
-            log.warning("NVML: starting a new session in %.1f s", delay)
+            # The WARNING above said what failed; when the retry comes is detail.
+            log.info("NVML: starting a new session in %.1f s", delay)
             await trio.sleep(delay)
 
     async def _start_session(self) -> DiscoveryResult:

@@ -59,8 +59,10 @@ class Observer:
     def set_devices(self, resource: str, healthy: int, unhealthy: int) -> None:
         """``resource`` now advertises these many devices."""
 
-    def nvml_up(self, up: bool) -> None:
-        """NVML started answering, or stopped."""
+    def nvml_up(self, up: bool, reason: str = "") -> None:
+        """NVML started answering, or stopped (or failed to start) for ``reason``, the
+        NVML error as the log shows it (``"Driver Not Loaded"``), for the health
+        endpoints to say why."""
 
     def set_resource(self, resource: str, registered: bool, serving: bool, reason: str) -> None:
         """``resource``'s registration and server state as last reported, for the health

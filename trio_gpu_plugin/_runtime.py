@@ -16,7 +16,15 @@ does not make a GPU forget its health.
 Registration: serve first, then Register, since the kubelet dials back and calls
 GetDevicePluginOptions inside Register, and may open ListAndWatch before Register returns.
 A refused or failed Register is retried with capped exponential back-off and jitter; the
-kubelet's reason is logged once per distinct reason.
+kubelet's reason is logged once per distinct reason.  A kubelet.sock that does not answer
+(connection refused: a crashed kubelet's file, until the new kubelet replaces it) is what
+a kubelet restart looks like for a moment: logged at INFO, and as a WARNING only once it
+has lasted :data:`KUBELET_GONE_GRACE`.
+
+Another process serving our socket (a second instance, or NVIDIA's plugin, which uses the
+same socket names) is never displaced: the resource waits, neither serving nor
+registering, and takes the socket once that process has gone (see
+:meth:`DevicePlugin._in_use`).
 
 Health: :meth:`DevicePlugin.check` looks at a resource *now* rather than recalling how
 its registration went: it dials the resource's socket and asks GetDevicePluginOptions,
@@ -39,15 +47,17 @@ from typing import Final, NoReturn
 
 import trio
 
+from ._config import ConfigError
 from ._devices import Resource
-from ._grpc import RpcError
+from ._grpc import RpcError, StatusCode
+from ._logging import Reminder
 from ._observe import Observer, Problem
 from ._service import DevicePluginService
-from ._transport import open_unix_channel, serve_unix
+from ._transport import SocketInUseError, open_unix_channel, serve_unix
 from ._watch import Identity, PathWatcher, identity
 from .proto import v1beta1
 
-__all__ = ["DevicePlugin"]
+__all__ = ["DevicePlugin", "check_kubelet_socket_path"]
 
 log = logging.getLogger("trio_gpu_plugin.runtime")
 
@@ -64,6 +74,13 @@ RETRY_CAP: Final = 30.0
 SERVE_RETRY_CAP: Final = 5.0
 #: Default bound on :meth:`DevicePlugin.check`'s dial and call (seconds).
 CHECK_TIMEOUT: Final = 1.0
+#: How long a kubelet.sock that does not answer (connection refused, or the connection
+#: lost mid-Register) is taken for a kubelet restarting, in seconds, before it is worth a
+#: WARNING.  A crashed kubelet's successor removes our socket a few milliseconds before
+#: it replaces the stale kubelet.sock (v1.32's device manager), and a dial in that gap is
+#: refused: 4 of 20 crash restarts did.  A kubelet takes a second or two to come back;
+#: one still refusing after 10 s is down, which an operator should hear about.
+KUBELET_GONE_GRACE: Final = 10.0
 
 
 def _backoff(attempt: int, cap: float = RETRY_CAP) -> float:
@@ -88,6 +105,31 @@ class _Registration:
     kubelet: Identity = None
     #: When a check first saw kubelet.sock differ from :attr:`kubelet`.
     stale_since: float | None = None
+
+
+def check_kubelet_socket_path(path: str | os.PathLike[str]) -> None:
+    """Refuse a kubelet socket path that is a directory, raising :class:`ConfigError`
+    naming ``--kubelet-socket`` and the path.
+
+    The kubelet's socket directory is the likely mistake for its socket: the plugin's
+    sockets would then go in the directory above, and every Register be refused
+    ("connection refused", from a directory), which names nothing to fix.  A path that
+    does not exist yet is fine: the kubelet creates its socket when it starts.
+    """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"--kubelet-socket {path}: is a directory, not a socket path; give the kubelet's "
+            f"registration socket, such as {path / 'kubelet.sock'} (the kubelet's own is "
+            f"{v1beta1.KUBELET_SOCKET}); the plugin's sockets go in its directory")
+
+
+def _registration_failure(exc: RpcError) -> str:
+    """Why a resource is not registered after ``exc``, for the health endpoints: the
+    kubelet's own reason where it refused, our side's failure otherwise."""
+    if exc.code in (StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED):
+        return f"registration failed (retrying): {exc}"
+    return f"the kubelet refused the registration (retrying): {exc.message or exc}"
 
 
 async def _no_answer(path: pathlib.Path, timeout: float) -> str | None:
@@ -147,6 +189,8 @@ class DevicePlugin:
         self._restart_reasons: dict[str, str] = {}
         # Why serving each resource's socket last failed (logged once per cause).
         self._serve_failures: dict[str, str] = {}
+        # Per resource: another process serving its socket, logged once, then now and then.
+        self._in_use_reminders = {r.name: Reminder() for r in resources}
         self._registered = {r.name: trio.Event() for r in resources}
         # For check(); filled in by run(), which has a trio clock to stamp it with.
         self._state: dict[str, _Registration] = {}
@@ -167,7 +211,12 @@ class DevicePlugin:
         Reports started once every resource has been registered for the first time
         (after the kubelet's socket appears, if it is not there yet).  Gives the
         observer each resource's live check (:meth:`check`) first.
+
+        Raises:
+            ConfigError: ``kubelet_socket`` is a directory (the kubelet's socket
+                directory given instead of the socket in it), before anything is served.
         """
+        check_kubelet_socket_path(self.kubelet_socket)
         for name in self.services:
             self._not_registered(name, "starting: serving and registering")
             self.observer.set_live_check(name, functools.partial(self.check, name))
@@ -291,9 +340,14 @@ class DevicePlugin:
             reason = await self._epoch(service, kubelet, watcher)
         except* OSError as group:
             # The directory vanished under us (the kubelet mid-restart), or the socket
-            # cannot be bound or removed (the directory unwritable for a while).
+            # cannot be bound or removed (the directory unwritable for a while), or
+            # another process serves it.
             failure = group.exceptions[0]  # type: ignore[assignment]
+        if isinstance(failure, SocketInUseError):
+            await self._in_use(service, failure, watcher, failures)
+            return failures + 1
         if failure is not None:
+            self._in_use_reminders[name].clear()  # another failure now: that is the news
             delay = _backoff(failures, SERVE_RETRY_CAP)
             cause = f"{type(failure).__name__}: {failure}"
             self._not_registered(name, f"cannot serve {self.socket_path(service.resource)}: "
@@ -311,6 +365,47 @@ class DevicePlugin:
         log.info("%s: starting over: %s", name, reason)
         return 0
 
+    async def _in_use(self, service: DevicePluginService, failure: SocketInUseError,
+                      watcher: PathWatcher, failures: int) -> None:
+        """Another process serves our socket: say so, then wait a while for it to go.
+
+        Wait and take over, rather than exit: two instances overlap for a moment in
+        ordinary operations (an old pod still stopping while its replacement starts, a
+        rolling update with maxSurge), and a plugin that exits then goes into
+        CrashLoopBackOff, whose growing delay keeps it down long after the other has
+        gone.  Never replace the socket either: the other process would see its socket
+        replaced and take it back, each registration tearing down the other's, dozens of
+        times a second.  So the other keeps serving, and we serve once its socket is
+        gone (removed when it exits: the watch sees that at once) or no longer answers
+        (a killed process's file: the next try replaces it), trying every few seconds.
+        (With maxSurge the DaemonSet deletes the old pod only once the new one is ready,
+        which it is not while it waits here: hence k8s/daemonset.yaml's maxUnavailable.)
+        """
+        name = service.resource.name
+        path = self.socket_path(service.resource)
+        self._not_registered(name, f"{path} is served by another process (another instance "
+                                   "of the plugin, or NVIDIA's device plugin): not serving or "
+                                   "registering until it has gone")
+        reminders = self._in_use_reminders[name]
+        due = reminders.due(str(path))
+        if due == "first":
+            log.error("%s: %s is served by another process, so %s is neither served nor "
+                      "registered by this one: another instance of this plugin given the same "
+                      "socket (a second DaemonSet, or the old pod of a rolling update), or "
+                      "NVIDIA's device plugin still running (it serves nvidia-gpu.sock too: "
+                      "remove it before deploying this one).  Not replacing it; serving as "
+                      "soon as that process has gone (repeated every %.0f min while it lasts)",
+                      name, path, name, reminders.interval / 60)
+        elif due == "reminder":
+            log.error("%s: %s is still served by another process, after %.0f min; %s is not "
+                      "registered by this instance until that process has gone", name, path,
+                      reminders.lasted / 60, name)
+        else:
+            log.debug("%s: %s is still served by another process (attempt %d)", name, path,
+                      failures + 1)
+        with trio.move_on_after(_backoff(failures, SERVE_RETRY_CAP)):
+            await watcher.wait_for_change({str(path): identity(path)})
+
     async def _epoch(self, service: DevicePluginService, kubelet: Identity,
                      watcher: PathWatcher) -> str:
         """Serve and register until something says the kubelet forgot us; return what."""
@@ -322,7 +417,13 @@ class DevicePlugin:
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_unix, path, [service.service()])
                 failed = self._serve_failures.pop(resource.name, None)
-                if failed is not None:
+                in_use = self._in_use_reminders[resource.name]
+                if in_use.active:
+                    log.info("%s: %s is no longer served by another process (after %.0f s): "
+                             "serving and registering it now", resource.name, path,
+                             in_use.lasted)
+                    in_use.clear()
+                elif failed is not None:
                     log.info("%s: serving %s again (it had failed with %s)",
                              resource.name, path, failed)
                 baseline = {str(self.kubelet_socket): kubelet, str(path): identity(path)}
@@ -363,7 +464,10 @@ class DevicePlugin:
             options=resource.options,
         )
         attempt = 0
-        last_reason = None
+        # The last failure logged at INFO (the kubelet restarting) and as a WARNING.
+        last_info = last_warned = None
+        # When the kubelet stopped answering, while it does not (see KUBELET_GONE_GRACE).
+        gone_since: float | None = None
         while True:
             started = trio.current_time()
             try:
@@ -374,12 +478,31 @@ class DevicePlugin:
                 delay = _backoff(attempt)
                 attempt += 1
                 reason = str(exc)
-                self._not_registered(resource.name, f"registration failed (retrying): {reason}")
-                if reason != last_reason:
-                    log.warning("%s: registration with the kubelet failed: %s (retrying with "
+                self._not_registered(resource.name, _registration_failure(exc))
+                # UNAVAILABLE: no connection, or it was lost (the kubelet died mid-call).
+                # Anything else is the kubelet's answer, which no wait will change.
+                gone = exc.code is StatusCode.UNAVAILABLE
+                if not gone:
+                    gone_since = None
+                elif gone_since is None:
+                    gone_since = started
+                gone_for = 0.0 if gone_since is None else trio.current_time() - gone_since
+                if gone and gone_for < KUBELET_GONE_GRACE:
+                    # Expected in a kubelet restart: the watch starts over as soon as the
+                    # new kubelet.sock appears, and the retries go on meanwhile.
+                    log.log(logging.INFO if reason != last_info else logging.DEBUG,
+                            "%s: the kubelet at %s does not answer (%s): it is probably "
+                            "restarting; retrying until it does (a warning follows if it "
+                            "does not within %g s)", resource.name, self.kubelet_socket,
+                            reason, KUBELET_GONE_GRACE)
+                    last_info = reason
+                elif reason != last_warned:
+                    log.warning("%s: registration with the kubelet failed%s: %s (retrying with "
                                 "back-off; further identical failures are logged at debug level)",
-                                resource.name, reason)
-                    last_reason = reason
+                                resource.name,
+                                f" for {gone_for:.0f} s" if gone else "",
+                                reason)
+                    last_warned = reason
                 else:
                     log.debug("%s: registration failed again (attempt %d): %s; next in %.1f s",
                               resource.name, attempt, reason, delay)

@@ -527,7 +527,15 @@ async def _bind_unix(path: str) -> tuple[trio.socket.SocketType, Identity]:
     # (re)registration for what is a quick local operation, like the unlink above.
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        raw.bind(path)
+        try:
+            raw.bind(path)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            # A socket bound at the path since we looked: another process serving it
+            # (two instances started together, or racing to serve again after the
+            # kubelet cleared the directory).  Said as such, not as a bare errno.
+            raise SocketInUseError(path) from exc
         # Straight after bind, so that the file is the one we bound all but certainly.
         bound = identity(path)
         raw.listen(LISTEN_BACKLOG)
