@@ -1,5 +1,6 @@
 """Allocate contents, golden: expected messages written from NVIDIA's behaviour
-(``shared/reference/nvidia-plugin.md`` section 4 and 12), compared whole."""
+(NVIDIA's k8s-device-plugin: its Allocate
+response builders and device-list strategies), compared whole."""
 
 from __future__ import annotations
 

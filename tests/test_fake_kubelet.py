@@ -1,4 +1,4 @@
-"""The fake kubelet behaves like kubelet 1.25–1.36 (shared/reference/kubelet.md).
+"""The fake kubelet behaves like kubelet 1.25–1.36 (pkg/kubelet/cm/devicemanager/).
 
 Every test drives :class:`~trio_gpu_plugin.testing.FakeKubelet` with :class:`Plugin`, a
 minimal device plugin written directly on ``serve_unix`` and ``open_unix_channel`` (no
@@ -233,10 +233,9 @@ async def registered(
     resource: str = GPU, **kwargs: Any,
 ) -> Plugin:
     plugin = await served(nursery, kubelet, name, **kwargs)
+    mark = kubelet.registration_count(resource)
     await plugin.register(kubelet, resource)
-    await kubelet.wait_registered(resource,
-                                  count=sum(r.accepted and r.resource_name == resource
-                                            for r in kubelet.registrations))
+    await kubelet.wait_registered(resource, after=mark)
     return plugin
 
 

@@ -62,9 +62,10 @@ def test_runtime_dependencies_are_pure_python_and_exclude_the_test_peers() -> No
     for peer in ("protobuf", "grpcio", "grpcio-tools"):
         assert peer in config["options.extras_require"]["test"]
         assert peer in config["options.extras_require"]["bench"]
-    assert config["options.entry_points"]["console_scripts"].strip() == (
-        "trio-gpu-plugin = trio_gpu_plugin._cli:main"
-    )
+    assert config["options.entry_points"]["console_scripts"].strip().splitlines() == [
+        "trio-gpu-plugin = trio_gpu_plugin._cli:main",
+        "nvidia-device-plugin = trio_gpu_plugin._cli:main",
+    ]
 
 
 def _imports(path: pathlib.Path) -> set[str]:
@@ -161,7 +162,7 @@ def test_every_command_in_the_readme_is_exercised() -> None:
                 for line in block.splitlines() if line.startswith("$ ")]
     covered_elsewhere = {
         # tests/test_deploy.py validates what these consume (no Docker engine or cluster here).
-        "docker build -t registry.example.com/trio-gpu-plugin:0.1.0 .": "test_deploy",
+        "docker build -t registry.example.com/trio-gpu-plugin:0.1.0.dev0 .": "test_deploy",
         "kubectl apply -k k8s/": "test_deploy",
         # tests/test_cli.py::test_an_injected_xid_shows_at_the_kubelet_and_survives_sighup.
         "trio-gpu-plugin inject --control /run/tgp-control.sock xid --gpu 3 --xid 79": "test_cli",

@@ -1,7 +1,7 @@
 """Topology model and the preferred-allocation policy for whole GPUs.
 
-Expected values are worked out here from NVIDIA's weights (``shared/reference/
-nvidia-plugin.md`` section 7.2) and the presets' links, not read back from the code;
+Expected values are worked out here from NVIDIA's weights (its
+go-gpuallocator's link scores) and the presets' links, not read back from the code;
 the exhaustive comparisons use :func:`brute_force`, which computes the objective from
 its definition (set score, then the score of what is left free, then index order).
 """

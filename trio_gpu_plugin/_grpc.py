@@ -4,8 +4,8 @@ purerpc splits into an I/O-free protocol layer (``purerpc.grpclib``: ``GRPCConne
 turns bytes from h2 into gRPC events and gRPC actions into bytes) and an anyio layer on
 top.  We keep the first and replace the second (see ``_transport``), because the stock
 anyio layer swallows ``Cancelled``, ignores RST_STREAM and EOF, never enforces
-``grpc-timeout`` and sets TCP options that fail on Unix sockets (measured, see
-``shared/reference/python-stack.md``).
+``grpc-timeout`` and sets TCP options that fail on Unix sockets (measured; tests/test_transport.py
+pins each fix).
 
 :class:`GrpcConnection` changes what purerpc (and h2 under it) does with bad input so
 that it fails one call, not the whole connection, and answers it as the gRPC-over-HTTP/2

@@ -15,8 +15,8 @@ Sans-IO.  Three policies, chosen by what the resource holds (as NVIDIA's
 
 Never an error for the node: unknown IDs drop out, a request larger than what is
 available gets everything available, and the kubelet fills or trims the answer anyway
-(kubelet.md §4.3).  Lost or unhealthy GPUs are not offered by the kubelet, so they are
-simply never candidates.
+(devicesToAllocate in the kubelet's pkg/kubelet/cm/devicemanager/manager.go).  Lost or
+unhealthy GPUs are not offered by the kubelet, so they are simply never candidates.
 """
 
 from __future__ import annotations

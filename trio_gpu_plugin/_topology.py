@@ -23,8 +23,8 @@ Where we part from NVIDIA's best-effort policy, on purpose:
   (#2038) or a link is seen from one side only (a panic, #448).  Here a lost GPU is
   simply absent from ``available``, unknown IDs are dropped, one-sided link data counts
   as a link, and a request that cannot be met as asked gets the best valid answer: the
-  kubelet tolerates short, long or foreign answers and fills the gaps itself (kubelet
-  reference section 4.3), whereas an error rejects the pod.
+  kubelet tolerates short, long or foreign answers and fills the gaps itself (devicesToAllocate
+  in the kubelet's pkg/kubelet/cm/devicemanager/manager.go), whereas an error rejects the pod.
 * The kubelet gives GetPreferredAllocation no deadline, and a call that hangs blocks the
   admission of every pod on the node (kubernetes #129249).  :func:`best_set` therefore
   works within a time budget and answers greedily past it.

@@ -5,8 +5,11 @@ accepted ``Register``, dials the plugin back, asks ``GetDevicePluginOptions``, a
 ``ListAndWatch`` stream open; :meth:`FakeKubelet.admit` plays pod admission
 (``GetPreferredAllocation`` and ``Allocate``) and :meth:`FakeKubelet.pre_start` a container
 start.  Error texts are the kubelet's, byte for byte, and reach the plugin as gRPC status
-``UNKNOWN`` the way grpc-go turns a Go error into a status.  The reference for every rule
-here is ``shared/reference/kubelet.md`` (section numbers below point into it).
+``UNKNOWN`` the way grpc-go turns a Go error into a status.  Every rule here is the
+kubelet's own code (kubernetes/kubernetes, ``pkg/kubelet/cm/devicemanager/``): the
+Registration server in ``plugin/v1beta1/server.go``, the dial-back and stream in
+``plugin/v1beta1/handler.go`` and ``client.go``, admission in ``manager.go``; a comment
+citing a rule names the kubelet function it comes from.
 
 Structure: :meth:`FakeKubelet.run` owns a nursery.  Each *serving generation* (one
 kubelet process, in effect) is a task in it with its own nursery holding the
@@ -258,7 +261,7 @@ def go_rpc_error(exc: RpcError) -> str:
 
 
 def is_extended_resource_name(name: str) -> bool:
-    """``v1helper.IsExtendedResourceName`` (kubelet.md §1.4)."""
+    """``v1helper.IsExtendedResourceName`` (``pkg/apis/core/v1/helper/helpers.go``)."""
     if "/" not in name or _NATIVE_NAMESPACE in name or name.startswith(_REQUESTS_PREFIX):
         return False
     # IsQualifiedName("requests." + name)
@@ -399,7 +402,9 @@ class FakeKubelet:
         so their ListAndWatch streams end), marks every resource stopped (allocatable 0,
         capacity kept), deletes every socket file in :attr:`socket_dir` (plugin sockets
         and ``kubelet.sock``; other files stay), then serves a new ``kubelet.sock``.
-        Works after :meth:`stop` too.
+        Works after :meth:`stop` too.  The registrations :meth:`wait_registered` counts
+        are kept: to wait for the plugin's next one, pass ``after=`` a
+        :meth:`registration_count` taken before the restart.
         """
         nursery = self._require_running()
         async with self._lifecycle:
@@ -477,7 +482,7 @@ class FakeKubelet:
         return self._run_nursery
 
     async def _start_serving(self, nursery: trio.Nursery) -> None:
-        # MkdirAll, CleanupPluginDirectory, listen (kubelet.md §2.1, §5.1).
+        # MkdirAll, CleanupPluginDirectory, listen: the server's Start (server.go).
         self.socket_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         removed = self._cleanup_plugin_directory()
         if removed:
@@ -549,7 +554,7 @@ class FakeKubelet:
         name = request.resource_name
         log.info("Register: resource %r, endpoint %r, version %r", name, request.endpoint,
                  request.version)
-        # The version first, then the name (kubelet.md §2.2).
+        # The version first, then the name: the server's Register (server.go).
         error: str | None = None
         if request.version not in SUPPORTED_VERSIONS:
             error = (f"requested API version {go_quote(request.version)} is not supported by "
@@ -655,7 +660,8 @@ class FakeKubelet:
         client.channel = channel
         client.options = options
         # Overwrites any previous client and endpoint of the name without closing them
-        # (kubelet.md §3.3): an older stream keeps running and keeps updating the table.
+        # (the server's registerClient and the manager's PluginConnected): an older
+        # stream keeps running and keeps updating the table.
         previous = self._clients.get(name)
         self._clients[name] = client
         self._endpoints[name] = client
@@ -676,7 +682,8 @@ class FakeKubelet:
 
     async def _list_and_watch(self, client: _Client, channel: Channel) -> None:
         # Started right away, without waiting for Register's answer to go out: the
-        # plugin may see ListAndWatch before its Register call returns (§2.2).
+        # plugin may see ListAndWatch before its Register call returns (the server's
+        # connectClient starts runClient, the stream, before Register answers).
         reason = "OK"
         with client.scope:
             try:
@@ -765,14 +772,34 @@ class FakeKubelet:
             while not predicate():
                 await self._change.wait()
 
+    def registration_count(self, resource: str) -> int:
+        """How many registrations of ``resource`` the kubelet has accepted so far, across
+        restarts: the mark to pass as ``after=`` to :meth:`wait_registered`."""
+        return len(self._accepted.get(resource, []))
+
     async def wait_registered(
-        self, resource: str, *, count: int = 1, timeout: float = 10.0
+        self, resource: str, *, count: int = 1, after: int = 0, timeout: float = 10.0
     ) -> RegistrationRecord:
-        """Wait for ``count`` accepted registrations of ``resource`` in all, and for the
-        first ListAndWatch message of the latest; return that registration's record."""
+        """Wait for ``count`` accepted registrations of ``resource`` beyond the first
+        ``after``, and for the first ListAndWatch message of the latest; return that
+        registration's record.
+
+        Registrations are counted from the kubelet's start, restarts included, so once
+        a plugin has registered, ``wait_registered(r)`` returns at once.  To wait for
+        the *next* one (after :meth:`restart`, say), take the mark before causing it::
+
+            mark = kubelet.registration_count(r)
+            await kubelet.restart()
+            await kubelet.wait_registered(r, after=mark)
+        """
+        if count < 1 or after < 0:
+            raise ValueError(f"wait_registered needs count >= 1 and after >= 0, "
+                             f"not count={count}, after={after}")
+        needed = after + count
+
         def ready() -> bool:
             accepted = self._accepted.get(resource, [])
-            return len(accepted) >= count and accepted[-1].updates > 0
+            return len(accepted) >= needed and accepted[-1].updates > 0
 
         await self.wait_until(ready, timeout=timeout)
         record = self._accepted[resource][-1].record
@@ -786,8 +813,8 @@ class FakeKubelet:
     ) -> Admission:
         """Admit one container asking for ``count`` devices of ``resource``.
 
-        The kubelet's ``devicesToAllocate`` without topology hints (kubelet.md
-        §4.1–4.3): the checks, ``GetPreferredAllocation`` if the plugin's options ask
+        The kubelet's ``devicesToAllocate`` without topology hints (``manager.go``):
+        the checks, ``GetPreferredAllocation`` if the plugin's options ask
         for it, then one ``Allocate``.  Admissions are serial, as in the kubelet's sync
         loop.  Raises :class:`AdmissionError` with the kubelet's text when the pod
         would be rejected.  The chosen devices stay allocated until :meth:`release`.

@@ -1,6 +1,9 @@
 """pytest fixtures of the test kit, registered through the ``pytest11`` entry point.
 
-Any project that installs trio-gpu-plugin gets them (async fixtures need pytest-trio):
+Any project that installs trio-gpu-plugin gets them.  ``fake_kubelet`` and ``nvml_node``
+are async fixtures: they need pytest-trio (``pip install 'trio-gpu-plugin[testing]'``)
+and tests run by it, so set ``trio_mode = true`` in the pytest configuration or mark each
+test ``@pytest.mark.trio``:
 
 * ``simulated_node``: a :class:`SimulatedDeviceSource` with the ``dgx-a100`` preset;
 * ``nvml_node``: a running :class:`~trio_gpu_plugin.NvmlNode` over a simulated
@@ -21,7 +24,7 @@ import pytest
 import trio
 
 from .._health import HealthChecks
-from .._nvml_sim import PRESETS as NVML_PRESETS, SimulatedNVML
+from .._nvml_sim import PRESETS, SimulatedNVML
 from .._nvml_source import NvmlNode
 from .._simulated import SimulatedDeviceSource
 from ._fake_kubelet import FakeKubelet
@@ -49,7 +52,7 @@ async def fake_kubelet(nursery: trio.Nursery) -> AsyncIterator[FakeKubelet]:
 async def nvml_node(nursery: trio.Nursery, tmp_path: pathlib.Path) -> NvmlNode:
     """A running NVML node over a simulated ``dgx-a100``; health checks as NVIDIA's
     defaults, a 0.2 s recovery window and probes every 50 ms so tests run fast."""
-    nvml = SimulatedNVML(NVML_PRESETS["dgx-a100"])
+    nvml = SimulatedNVML(PRESETS["dgx-a100"])
     root = tmp_path / "driver-root"
     nvml.write_driver_root(root)
     node = NvmlNode(nvml, root=root, checks=HealthChecks(), recovery_window=0.2,
