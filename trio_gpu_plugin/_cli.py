@@ -51,7 +51,7 @@ from ._observe import Observer
 from ._nvml import NVML, load_pynvml
 from ._nvml_source import NvmlInitError, NvmlNode
 from ._resources import PlanResult
-from ._runtime import DevicePlugin
+from ._runtime import DevicePlugin, check_kubelet_socket_path
 from ._transport import MAX_UNIX_PATH
 from ._watch import Identity, PathWatcher, identity
 
@@ -341,8 +341,12 @@ async def serve(settings: Settings, setup: NodeSetup, node: NvmlNode,
                 if not always and config == current.config:
                     log.info("%s: configuration unchanged; nothing to reload", reason)
                     return
+                check_kubelet_socket(config.flags.kubelet_socket, "--kubelet-socket")
+                check_kubelet_socket_path(config.flags.kubelet_socket)
                 new = NodeSetup.read(config, current.root)
-                planned = new.plan(await node.wait_model())
+                # In a worker thread: planning is bounded (the 4 MiB ListAndWatch limit)
+                # but not free, and signals must be handled meanwhile.
+                planned = await trio.to_thread.run_sync(new.plan, await node.wait_model())
                 check_plugin_sockets(config.flags.kubelet_socket, planned)
             except (ConfigError, ValueError, OSError) as exc:
                 log.error("%s: keeping the running configuration: %s", reason, exc)
@@ -396,7 +400,8 @@ async def serve(settings: Settings, setup: NodeSetup, node: NvmlNode,
                     log.info("fault injection: %s (trio-gpu-plugin inject --control %s ...)",
                              simulate_control, simulate_control)
                 if result is None:
-                    result = current.plan(await node.wait_model())  # ConfigError: exit 1
+                    # ConfigError: exit 1.  A worker thread, as in reload().
+                    result = await trio.to_thread.run_sync(current.plan, await node.wait_model())
                     check_plugin_sockets(current.config.flags.kubelet_socket, result)
                     log_plan(current, result)
                 if settings.config_file:
