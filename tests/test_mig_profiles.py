@@ -392,3 +392,10 @@ def test_matching_over_the_simulated_nvml_without_instance_queries() -> None:
                        for call in sim.calls)
     finally:
         sim.nvmlShutdown()
+
+
+def test_the_simulators_ci_slice_table_is_written_independently_and_agrees() -> None:
+    from trio_gpu_plugin._sim_models import NVML_CI_PROFILE_SLICES
+
+    assert NVML_CI_PROFILE_SLICES is not CI_PROFILE_SLICES
+    assert dict(NVML_CI_PROFILE_SLICES) == dict(CI_PROFILE_SLICES)

@@ -41,7 +41,9 @@ MEMORY_SLICES: Final = 8
 #: (``NVML_COMPUTE_INSTANCE_PROFILE_*`` in ``nvml.h``; go-nvlib's ``NewMigProfile`` maps
 #: 1_SLICE_REV1 to 1 and 7_SLICE_NVL to 7 slices).  Insertion order keeps the first
 #: index of each slice count first, so a reverse lookup (slices -> index) over it finds
-#: the plain profile before its revision.
+#: the plain profile before its revision.  Written out here rather than imported from
+#: the plugin's ``_mig_profiles``: the simulator must not take its facts from the code it
+#: tests (tests/test_mig_profiles.py holds the two to each other).
 NVML_CI_PROFILE_SLICES: Final[Mapping[int, int]] = {
     pynvml.NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE: 1,
     pynvml.NVML_COMPUTE_INSTANCE_PROFILE_2_SLICE: 2,
