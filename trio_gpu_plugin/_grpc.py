@@ -99,6 +99,7 @@ class RpcError(Exception):
 
     @property
     def status(self) -> Status:
+        """The call's gRPC status (code and message), as purerpc's :class:`Status`."""
         return Status(self.code, self.message)
 
     def __str__(self) -> str:

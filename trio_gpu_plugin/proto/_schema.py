@@ -77,6 +77,7 @@ class FieldDescriptor:
 
     @property
     def is_message(self) -> bool:
+        """Whether the field holds a message (not a scalar, string or bytes)."""
         return self.type not in SCALARS
 
 
@@ -89,10 +90,12 @@ class Descriptor:
 
     @property
     def name(self) -> str:
+        """The message's own name (``Device``), without its package."""
         return self.full_name.rpartition(".")[2]
 
     @property
     def package(self) -> str:
+        """The protobuf package (``v1beta1``)."""
         return self.full_name.rpartition(".")[0]
 
 
