@@ -12,9 +12,9 @@ variant, see ``tests/test_soak.py``) of churn against the configured plugin on t
   0.1-0.6 s later (the node's 0.3 s recovery window then brings it back);
 * a config reload every ~5 s, as an operator does it: the config file is rewritten with
   the other replica count (10 <-> 8) and the process sends itself SIGHUP.  The plugin
-  runs through the CLI's own ``serve`` (the SIGHUP handler and the config-file watch
-  both live there), so a reload is the real one: re-read, validate, plan, register
-  again.  It passes when, within the bound, a new registration arrived and the kubelet's
+  is the CLI's own: a ``GpuPlugin`` (which watches the config file) run by the CLI's
+  ``serve`` (which maps SIGHUP to a reload), so a reload is the real one: re-read,
+  validate, plan, register again.  It passes when, within the bound, a new registration arrived and the kubelet's
   table holds exactly the new replica set.  Kubelet restarts and reloads are serialized
   so each can be matched to its registration;
 * admissions continuously: admit 1-4 devices, hold them 0-0.5 s, release.  Rejections
@@ -76,9 +76,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import reliability as rel
 
+from trio_gpu_plugin import GpuPlugin
 from trio_gpu_plugin._cli import Settings, build_parser
 from trio_gpu_plugin._cli import serve as serve_cli
-from trio_gpu_plugin._configured import NodeSetup
 from trio_gpu_plugin._control import send_control
 from trio_gpu_plugin._health import HealthChecks
 from trio_gpu_plugin._nvml_sim import SimulatedNVML
@@ -272,8 +272,8 @@ class Node:
 
 
 async def serve(nursery: trio.Nursery, directory: pathlib.Path) -> Node:
-    """The reliability bench's 16-GPU time-sliced node, served by the CLI's ``serve``
-    (SIGHUP and config-file reloads included); returns once the kubelet holds its table."""
+    """The reliability bench's 16-GPU time-sliced node, served by the CLI's plugin and
+    ``serve`` (SIGHUP and config-file reloads included); returns once the kubelet holds its table."""
     kubelet = FakeKubelet(directory / "kubelet")
     (directory / "kubelet").mkdir()
     await nursery.start(kubelet.run)
@@ -298,7 +298,9 @@ async def serve(nursery: trio.Nursery, directory: pathlib.Path) -> Node:
     config, _ = settings.load()
     nvml_node = NvmlNode(nvml, root=root, checks=HealthChecks(),
                          recovery_window=RECOVERY_WINDOW_S, probe_interval=PROBE_INTERVAL_S)
-    nursery.start_soon(serve_cli, settings, NodeSetup.read(config, root), nvml_node)
+    plugin = GpuPlugin(config, nvml, root=root, node=nvml_node,
+                       config_file=settings.config_file, loader=settings.load)
+    nursery.start_soon(serve_cli, plugin)
     await kubelet.wait_registered(RESOURCE)
     node.uuids = [g.uuid for g in (await nvml_node.wait_model()).gpus]
     await kubelet.wait_until(lambda: table_ids(node) == node.expected())

@@ -22,7 +22,14 @@ General layout (data flows down this list):
 * ``_nvml_sim``: a simulated NVML (presets, node files, fault injection);
   ``_control``: its fault-injection socket; ``_simulated``: a generic simulated device
   source; ``testing``: the test kit (fake kubelet, fixtures).
-* ``_cli`` and ``_demo``: the ``trio-gpu-plugin`` command, a thin layer over the above.
+* ``_config``: NVIDIA's configuration (flags, environment, config file) as a
+  :class:`Config` (:func:`load_config` builds one); ``_resources`` and ``_allocate``:
+  planning (MIG strategies, sharing) and Allocate's answers; ``_configured``: the
+  planned resources' device sources.
+* ``_plugin``: :class:`GpuPlugin`, all of the above as NVIDIA's plugin runs it
+  (configuration, planning, reload, metrics) in the caller's nursery.
+* ``_cli`` and ``_demo``: the ``trio-gpu-plugin`` command, a thin driver of
+  :class:`GpuPlugin` (flags, signals), and the demo.
 
 Everything listed in ``__all__`` is public; modules with a leading underscore are not.
 """
@@ -30,6 +37,7 @@ Everything listed in ``__all__`` is public; modules with a leading underscore ar
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._config import Config as Config, ConfigError as ConfigError, load_config as load_config
 from ._devices import (
     DeviceInfo as DeviceInfo,
     DeviceSource as DeviceSource,
@@ -53,6 +61,8 @@ from ._nvml_source import (
     with_replicas as with_replicas,
 )
 from ._observe import Observer as Observer, Problem as Problem
+from ._plan_model import PlannedDevice as PlannedDevice, PlannedResource as PlannedResource
+from ._plugin import GpuPlugin as GpuPlugin, StartupError as StartupError
 from ._runtime import DevicePlugin as DevicePlugin
 from ._simulated import SimulatedDeviceSource as SimulatedDeviceSource
 from ._transport import (
@@ -92,11 +102,14 @@ __all__ = [
     "DEFAULT_CALL_TIMEOUT",
     "NVML",
     "Channel",
+    "Config",
+    "ConfigError",
     "DeviceInfo",
     "DevicePlugin",
     "DeviceSelector",
     "DeviceSource",
     "GpuInfo",
+    "GpuPlugin",
     "HealthChecks",
     "LogicalDevice",
     "MigInfo",
@@ -105,6 +118,8 @@ __all__ = [
     "NvmlInitError",
     "NvmlNode",
     "Observer",
+    "PlannedDevice",
+    "PlannedResource",
     "PreferredAllocationPolicy",
     "Problem",
     "Publish",
@@ -113,7 +128,9 @@ __all__ = [
     "SimNodeSpec",
     "SimulatedDeviceSource",
     "SimulatedNVML",
+    "StartupError",
     "first_fit",
+    "load_config",
     "load_node_file",
     "load_pynvml",
     "mig_slices",

@@ -17,47 +17,49 @@ line on stderr and exit status 1 (2 for a malformed command line), never a trace
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
-from collections.abc import Awaitable, Mapping, Sequence
-from typing import TYPE_CHECKING, Final, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Final
 
 import trio
 
 from . import __version__
-from ._allocate import cdi_warning, find_missing_cdi_devices, required_cdi_devices
 from ._config import (
     FLAGS,
     Config,
     ConfigError,
     add_flags,
-    effective_config_json,
     flag_value,
-    load_config_file,
+    load_config,
     parse_bool,
-    resolve_config,
 )
-from ._configured import NodeSetup, PlannedSource
-from ._inspect import envvar_conflict_warning
+from ._configured import NodeSetup
 from ._logging import configure_logging
-from ._observe import Observer
 from ._nvml import NVML, load_pynvml
 from ._nvml_source import NvmlInitError, NvmlNode
-from ._resources import PlanResult
-from ._runtime import DevicePlugin, check_kubelet_socket_path
-from ._transport import MAX_UNIX_PATH
-from ._watch import Identity, PathWatcher, identity
-
-if TYPE_CHECKING:
-    from ._control import FaultTarget
-    from ._metrics import Metrics
+# The plugin's pieces the command (and its callers: tests, bench/) use by these names.
+from ._plugin import (
+    CONFIG_SETTLE as CONFIG_SETTLE,
+    GpuPlugin,
+    Reload as Reload,
+    StartupError as StartupError,
+    _strerror,
+    check_cdi as check_cdi,
+    check_kubelet_socket as check_kubelet_socket,
+    check_plugin_sockets as check_plugin_sockets,
+    check_supported,
+    control_bind_reason as control_bind_reason,
+    log_config,
+    log_plan as log_plan,
+    metrics_bind_reason as metrics_bind_reason,
+    watch_config_file as watch_config_file,
+)
 
 log = logging.getLogger("trio_gpu_plugin.cli")
 
@@ -71,9 +73,6 @@ PROG: Final = "trio-gpu-plugin"
 #: The command NVIDIA's Helm chart runs (``command: ["nvidia-device-plugin"]``); the same
 #: entry point answers to it.
 NVIDIA_PROG: Final = "nvidia-device-plugin"
-#: How long a config file change waits for its writer to finish before it is read;
-#: editors and ``kubectl cp`` write in steps.
-CONFIG_SETTLE: Final = 0.1
 
 
 def program_name(argv0: str | None = None) -> str:
@@ -81,92 +80,6 @@ def program_name(argv0: str | None = None) -> str:
     that (``argv0``, default ``sys.argv[0]``), else ``trio-gpu-plugin``."""
     argv0 = sys.argv[0] if argv0 is None else argv0
     return NVIDIA_PROG if os.path.basename(argv0) == NVIDIA_PROG else PROG
-
-
-class StartupError(Exception):
-    """A value given to a flag that the plugin cannot start with, found only when it is
-    used (an address already in use, a directory that does not exist).
-
-    Its text is ``<flag> <value>: <reason>``; the command line prints it as one line and
-    exits 1.
-    """
-
-    def __init__(self, flag: str, value: str, reason: str) -> None:
-        super().__init__(f"{flag} {value}: {reason}")
-        self.flag = flag
-        self.value = value
-        self.reason = reason
-
-
-def _strerror(exc: OSError, path: str | None = None) -> str:
-    """An OSError's text without ``[Errno n]`` and without a leading ``path``: the caller
-    names both the flag and the value already."""
-    text = exc.strerror or str(exc)
-    if path and text.startswith(path):
-        text = text[len(path):].lstrip(": ")
-    return text
-
-
-def metrics_bind_reason(exc: OSError, host: str, port: int) -> str:
-    """Why the health and metrics server could not listen on ``host:port``, in words an
-    operator can act on."""
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve host {host!r}: {exc.strerror} (give an IP address, or a " \
-               "name this node resolves)"
-    if exc.errno == errno.EADDRINUSE:
-        return f"port {port} is already in use (another process listens there: choose " \
-               "another port, or stop it)"
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return f"{host} is not an address of this machine (give one of its addresses, or " \
-               f":{port} for every interface)"
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return f"permission denied to listen on port {port} (ports below 1024 need " \
-               "CAP_NET_BIND_SERVICE)"
-    return _strerror(exc)
-
-
-def control_bind_reason(exc: OSError, path: str) -> str:
-    """Why the fault-injection socket could not be served at ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if exc.errno == errno.ENAMETOOLONG:
-        return f"{len(os.fsencode(path))} bytes, longer than the {MAX_UNIX_PATH} a Unix " \
-               "socket path can hold; choose a shorter path"
-    if exc.errno in (errno.ENOENT, errno.ENOTDIR) and not os.path.isdir(directory):
-        if os.path.lexists(directory):
-            return f"{directory} is not a directory"
-        return f"directory {directory} does not exist"
-    if isinstance(exc, FileExistsError) or exc.errno == errno.EADDRINUSE:
-        return _strerror(exc, path)
-    # /proc and /sys exist but take no socket files (ENOENT, EPERM); read-only or
-    # unwritable directories (EROFS, EACCES).
-    return f"cannot create a socket in {directory}: {_strerror(exc, path)} (choose a " \
-           "writable directory, such as /tmp or /run)"
-
-
-def check_kubelet_socket(path: str, given_as: str) -> None:
-    """Refuse a ``--kubelet-socket`` no Unix socket can be at (``ConfigError``):
-    otherwise the plugin would wait forever for a kubelet that cannot appear there."""
-    if not path:
-        raise ConfigError(f"{given_as} '': an empty path (the kubelet's is "
-                          "/var/lib/kubelet/device-plugins/kubelet.sock)")
-    size = len(os.fsencode(path))
-    if size > MAX_UNIX_PATH:
-        raise ConfigError(f"{given_as} {path}: {size} bytes, longer than the {MAX_UNIX_PATH} "
-                          "a Unix socket path can hold")
-
-
-def check_plugin_sockets(kubelet_socket: str, result: PlanResult) -> None:
-    """Refuse a plan whose sockets (in the kubelet socket's directory) cannot be bound
-    because their paths are too long for a Unix socket (``ConfigError``)."""
-    directory = os.path.dirname(kubelet_socket)
-    for resource in result.resources:
-        path = os.path.join(directory, resource.socket_name)
-        size = len(os.fsencode(path))
-        if size > MAX_UNIX_PATH:
-            raise ConfigError(
-                f"--kubelet-socket {kubelet_socket}: the socket of {resource.name} would be "
-                f"{path}, {size} bytes, longer than the {MAX_UNIX_PATH} a Unix socket path "
-                "can hold; use a shorter directory")
 
 
 def _extend_help(parser: argparse.ArgumentParser, flag: str, text: str) -> None:
@@ -253,260 +166,39 @@ class Settings:
 
     def load(self) -> tuple[Config, list[str]]:
         """The effective configuration now; ``ConfigError`` says what is wrong."""
-        document = load_config_file(self.config_file) if self.config_file else None
-        source = f"config file {self.config_file}" if self.config_file else "config file"
-        config, warnings = resolve_config(self.cli, self.env, document, source=source)
-        if config.flags.device_discovery_strategy == "tegra":
-            raise ConfigError("--device-discovery-strategy tegra: Tegra (integrated GPU) "
-                              "systems are not supported by trio-gpu-plugin; use NVIDIA's "
-                              "plugin there, or auto/nvml on a discrete-GPU node")
+        config, warnings = load_config(self.config_file, flags=self.cli, env=self.env)
+        check_supported(config)
         return config, warnings
 
 
-def _log_config(config: Config, warnings: Sequence[str]) -> None:
-    for warning in warnings:
-        log.warning("%s", warning)
-    # One line, as NVIDIA's "Running with config" (its JSON key names).
-    log.info("Running with config: %s", effective_config_json(config))
-    hook = config.flags.plugin.nvidia_cdi_hook_path
-    for flag, value in (("--cdi-feature-flags", config.flags.cdi_feature_flags),
-                        ("--cdi-disable-hooks", config.flags.cdi_disable_hooks),
-                        ("--nvidia-cdi-hook-path", () if hook == "/usr/bin/nvidia-ctk" else (hook,))):
-        if value:
-            log.warning("%s %s has no effect: this plugin does not write CDI specs (it uses "
-                        "those nvidia-ctk cdi generate writes)", flag, ",".join(value))
-
-
-def check_cdi(setup: NodeSetup, result: PlanResult) -> None:
-    """Warn, naming the directories searched, when CDI names we hand out resolve to no
-    spec on the node."""
-    if not any(s.startswith("cdi-") for s in setup.config.flags.plugin.device_list_strategy):
-        return
-    needed: dict[str, list[str]] = {}
-    for resource in result.resources:
-        for kind, names in required_cdi_devices(resource, setup.context).items():
-            needed.setdefault(kind, []).extend(n for n in names if n not in needed.get(kind, []))
-    for kind, names in needed.items():
-        searched: list[str] = []
-        missing = list(names)
-        for root in setup.cdi_roots:
-            where, absent = find_missing_cdi_devices(root, kind, names)
-            searched += where
-            missing = [n for n in missing if n in absent]
-        warning = cdi_warning(kind, missing, searched)
-        if warning:
-            log.warning("%s", warning)
-
-
-def log_plan(setup: NodeSetup, result: PlanResult) -> None:
-    """Log what an operator should know about a plan: its warnings, an ``envvar``
-    strategy that cannot serve two of its resources to one container, CDI names
-    without a spec."""
-    for warning in result.warnings:
-        log.warning("%s", warning)
-    conflict = envvar_conflict_warning(setup.config, result)
-    if conflict:
-        log.warning("%s", conflict)
-    check_cdi(setup, result)
-
-
-async def serve(settings: Settings, setup: NodeSetup, node: NvmlNode,
-                simulated: FaultTarget | None = None,
-                simulate_control: str | None = None,
-                metrics: tuple[Metrics, str, int] | None = None) -> int:
-    """Serve until SIGTERM or SIGINT (exit 0).  SIGHUP or a change of the config file
-    reloads: the new configuration is validated and planned before anything is torn
-    down (a bad one is logged and the running one keeps serving); resources that go away
-    are first advertised with no devices, so the kubelet drops their capacity (NVIDIA
-    #240); then every resource registers again.  A file change that leaves the
-    configuration as it is (a SIGHUP already read it, or the file was rewritten with
-    the same settings) reloads nothing; SIGHUP always reloads.  NVML and each GPU's
-    health outlive a reload (NVIDIA's plugin forgets health, #111).
+async def serve(plugin: GpuPlugin) -> int:
+    """Run ``plugin`` until SIGTERM or SIGINT (exit 0); SIGHUP reloads it, always (the
+    operator asked: to pick up IMEX channels created since, say, even when the file
+    reads as before).  A configuration that cannot be served is logged and the running
+    one keeps serving.
 
     A flag value that cannot be used (``--metrics-address`` on a port in use,
     ``--simulate-control`` in a directory that does not exist) raises
     :class:`StartupError` naming it.
     """
-    current = setup
-    result: PlanResult | None = None
-    generation: list[trio.CancelScope] = []
-    sources: dict[str, PlannedSource] = {}
-    reloading = trio.Lock()
 
-    async def reload(reason: str, *, always: bool = True) -> None:
-        nonlocal current, result
-        async with reloading:
-            try:
-                config, warnings = settings.load()
-                if not always and config == current.config:
-                    log.info("%s: configuration unchanged; nothing to reload", reason)
-                    return
-                check_kubelet_socket(config.flags.kubelet_socket, "--kubelet-socket")
-                check_kubelet_socket_path(config.flags.kubelet_socket)
-                new = NodeSetup.read(config, current.root)
-                # In a worker thread: planning is bounded (the 4 MiB ListAndWatch limit)
-                # but not free, and signals must be handled meanwhile.
-                planned = await trio.to_thread.run_sync(new.plan, await node.wait_model())
-                check_plugin_sockets(config.flags.kubelet_socket, planned)
-            except (ConfigError, ValueError, OSError) as exc:
-                log.error("%s: keeping the running configuration: %s", reason, exc)
-                return
-            log.info("%s: configuration reloaded; serving and registering again", reason)
-            _log_config(config, warnings)
-            log_plan(new, planned)
-            gone = [s for name, s in sources.items()
-                    if name not in {r.name for r in planned.resources}]
-            for source in gone:
-                log.info("%s: no longer configured; advertising no devices before it goes",
-                         source.name)
-                source.empty()
-                source.publish_now()
-                node.observer.forget_resource(source.name)
-            if gone:
-                # The kubelet reads the empty list from the open ListAndWatch stream at
-                # once; a moment for it to arrive before the socket goes away.
-                await trio.sleep(0.5)
-            current, result = new, planned
-            for scope in generation:
-                scope.cancel()
+    async def on_sighup() -> None:
+        try:
+            await plugin.reload(reason="SIGHUP")
+        except ConfigError as exc:
+            log.error("%s: keeping the running configuration: %s", "SIGHUP", exc)
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-
-            async def run_plugin() -> None:
-                nonlocal result
-                if metrics is not None:
-                    from ._metrics import serve_metrics
-
-                    observer, host, port = metrics
-                    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                    try:
-                        bound = await nursery.start(serve_metrics, observer, host, port)
-                    except* OSError as failed:  # socket.gaierror is one too
-                        raise StartupError("--metrics-address", address, metrics_bind_reason(
-                            _first_leaf(failed, OSError), host, port)) from None
-                    log.info("health and metrics: http://%s:%s/healthz, /readyz, /metrics",
-                             host, bound)
-                await nursery.start(node.run)
-                if simulated is not None and simulate_control:
-                    from ._control import serve_control
-
-                    try:
-                        await nursery.start(serve_control, simulated, simulate_control)
-                    except* OSError as failed:
-                        raise StartupError("--simulate-control", simulate_control,
-                                           control_bind_reason(_first_leaf(failed, OSError),
-                                                               simulate_control)) from None
-                    log.info("fault injection: %s (trio-gpu-plugin inject --control %s ...)",
-                             simulate_control, simulate_control)
-                if result is None:
-                    # ConfigError: exit 1.  A worker thread, as in reload().
-                    result = await trio.to_thread.run_sync(current.plan, await node.wait_model())
-                    check_plugin_sockets(current.config.flags.kubelet_socket, result)
-                    log_plan(current, result)
-                if settings.config_file:
-                    await nursery.start(watch_config_file, settings.config_file, reload)
-                while True:
-                    resources = current.resources(node, result)
-                    sources.clear()
-                    sources.update({r.name: r.source for r in resources
-                                    if isinstance(r.source, PlannedSource)})
-                    if not resources:
-                        log.warning("no devices to advertise with this configuration; waiting "
-                                    "for a reload (SIGHUP or a config file change)")
-                    plugin = DevicePlugin(resources, kubelet_socket=current.config.flags.kubelet_socket,
-                                          observer=node.observer) if resources else None
-                    with trio.CancelScope() as scope:
-                        generation[:] = [scope]
-                        if plugin is None:
-                            await trio.sleep_forever()
-                        else:
-                            await plugin.run()
-
-            nursery.start_soon(run_plugin)
+            nursery.start_soon(plugin.run)
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    # Always: the operator asked (to pick up IMEX channels created since,
-                    # say), even when the file reads as before.
-                    nursery.start_soon(reload, "SIGHUP")
+                    nursery.start_soon(on_sighup)
                 else:
                     log.info("%s: stopping", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
                     break
     return 0
-
-
-def _first_leaf(exc: BaseException, kind: type[OSError]) -> OSError:
-    """The first ``kind`` in ``exc``, looking inside (nested) exception groups: trio
-    wraps what a task raises in one."""
-    if isinstance(exc, kind):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            try:
-                return _first_leaf(inner, kind)
-            except LookupError:
-                continue
-    raise LookupError(f"no {kind.__name__} in {exc!r}")
-
-
-#: Symlinks followed from the config file's path at most, as the kernel's own bound on
-#: one lookup (ELOOP past it).
-_MAX_SYMLINK_HOPS: Final = 40
-
-
-def _paths_of(path: str) -> dict[str, Identity]:
-    """The identities that say the config file changed: the path itself (replaced, or a
-    symlink re-pointed), each hop of its symlinks, and the file it resolves to (written
-    in place).  The hops matter for a ConfigMap: ``config.yaml`` links to
-    ``..data/config.yaml`` and the kubelet swaps the ``..data`` symlink, which neither
-    ``config.yaml`` itself nor the old target (still there until the kubelet removes
-    it) shows, but ``..data/config.yaml`` does at once."""
-    paths = {path: identity(path)}
-    hop = path
-    for _ in range(_MAX_SYMLINK_HOPS):
-        try:
-            link = os.readlink(hop)
-        except OSError:
-            break  # not a symlink (EINVAL), or gone: nothing further to follow
-        hop = os.path.join(os.path.dirname(hop), link)
-        paths[hop] = identity(hop)
-    target = os.path.realpath(path)
-    paths[target] = identity(target)
-    return paths
-
-
-class Reload(Protocol):
-    """What :func:`watch_config_file` calls: ``serve``'s reload."""
-
-    def __call__(self, reason: str, *, always: bool = True) -> Awaitable[None]:
-        """Reload for ``reason``; ``always=False`` skips a configuration that did not
-        change."""
-        ...
-
-
-async def watch_config_file(path: str, reload: Reload, *,
-                            poll_interval: float = 10.0, use_inotify: bool | None = None,
-                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-                            ) -> None:
-    """Call ``reload(reason, always=False)`` whenever the config file changes: written
-    in place (``cp new.yaml live.yaml``, ``>>``; seen when the writer closes it),
-    replaced, or (a Kubernetes ConfigMap) its symlinked target swapped.
-
-    Started (``task_status``) once the file's state is taken, so a change after that is
-    never missed.  The state for the next wait is taken before ``reload`` reads the
-    file, so a write during a reload is another change, not a lost one.
-    ``poll_interval`` bounds how late a change inotify does not report is seen;
-    ``use_inotify`` as for :class:`PathWatcher`.
-    """
-    with PathWatcher(poll_interval=poll_interval, use_inotify=use_inotify) as watcher:
-        baseline = _paths_of(path)
-        task_status.started()
-        while True:
-            await watcher.wait_for_change(baseline)
-            await trio.sleep(CONFIG_SETTLE)
-            baseline = _paths_of(path)
-            await reload(f"config file {path} changed", always=False)
 
 
 def inject(args: argparse.Namespace, prog: str = PROG) -> int:
@@ -584,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if simulate_control and not simulate:
         parser.exit(2, f"{prog}: error: --simulate-control needs --simulate "
                        "(faults can only be injected into a simulated node)\n")
-    _log_config(config, warnings)
+    log_config(config, warnings)
     simulated = None
     root = "/"
     nvml: NVML
@@ -600,39 +292,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         nvml = simulated
     else:
         nvml = load_pynvml(config.flags.plugin.container_driver_root)
-    observer: Observer = Observer()
-    metrics = None
-    address = None if inspecting else flag_value("--metrics-address", vars(args), os.environ)
-    if address:
-        try:
-            from ._metrics import Metrics, parse_address  # noqa: F811 (the runtime import)
-        except ImportError as exc:
-            return fail(f"--metrics-address needs the 'metrics' extra (pip install "
-                        f"'trio-gpu-plugin[metrics]'): {exc}")
-        try:
-            host, port = parse_address(address)
-        except ValueError as exc:
-            return fail(f"--metrics-address: {exc}")
-        metrics = (Metrics(), host, port)
-        observer = metrics[0]
-    node = NvmlNode(nvml, root=root, recovery_window=config.flags.health_recovery_window,
-                    # inspect probes every device once, at once.
-                    probe_interval=0.05 if inspecting else config.flags.health_probe_interval,
-                    fail_on_init_error=config.flags.fail_on_init_error or inspecting,
-                    observer=observer)
     try:
-        setup = NodeSetup.read(config, root)
         if inspecting:
             from ._inspect import inspect_node, render_json, render_text
 
-            data = trio.run(inspect_node, node, setup)
+            # inspect probes every device once, at once, and needs NVML to answer.
+            node = NvmlNode(nvml, root=root, recovery_window=config.flags.health_recovery_window,
+                            probe_interval=0.05, fail_on_init_error=True)
+            data = trio.run(inspect_node, node, NodeSetup.read(config, root))
             try:
                 print(render_json(data) if args.json else render_text(data), flush=True)
             except BrokenPipeError:
                 # Piped into head or less and cut short: not an error of ours.
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 1 if data["unhealthy"] else 0
-        return trio.run(serve, settings, setup, node, simulated, simulate_control, metrics)
+        plugin = GpuPlugin(
+            config, nvml, root=root,
+            metrics_address=flag_value("--metrics-address", vars(args), os.environ),
+            config_file=settings.config_file, loader=settings.load,
+            control_socket=simulate_control if simulated is not None else None)
+        return trio.run(serve, plugin)
     except (ConfigError, ValueError, StartupError) as exc:
         return fail(str(exc))
     except BaseExceptionGroup as group:

@@ -11,6 +11,8 @@ else the config file's value, else the built-in default.
 lands in :class:`Config`); :func:`add_flags` builds the argparse side from it,
 :func:`load_config_file` reads a file (the only I/O here) and :func:`resolve_config`
 merges everything into a :class:`Config` plus warnings (never logged here).
+:func:`load_config` is the public way to build one from all three; ``Config()`` is the
+built-in defaults.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Literal
@@ -48,6 +51,7 @@ __all__ = [
     "config_to_document",
     "effective_config_json",
     "flag_value",
+    "load_config",
     "load_config_file",
     "new_resource_name",
     "parse_bool",
@@ -1237,6 +1241,36 @@ def load_config_file(path: str) -> Any:
                          "as YAML, which allows them (as NVIDIA's plugin reads the file); "
                          "remove them so that JSON tools can read it too")
     return _document(document, notes)
+
+
+def load_config(file: str | os.PathLike[str] | None = None, *, document: Any | None = None,
+                flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+                ) -> tuple[Config, list[str]]:
+    """Build a :class:`Config` as NVIDIA's plugin does, with its precedence: a flag,
+    else its environment twin, else the config file, else the built-in default.
+
+    Args:
+        file: a config file (YAML or JSON, NVIDIA's ``version: v1`` format) to read.
+        document: the same content already parsed (a mapping with NVIDIA's keys:
+            ``{"sharing": {"timeSlicing": {...}}}``), instead of ``file``.
+        flags: flag values by name, alias or dest (``{"--mig-strategy": "single"}``,
+            ``{"kubelet_socket": "/run/k.sock"}``), text or already converted; ``None``
+            values count as not given, so ``vars(args)`` of an :func:`add_flags` parser
+            can be passed as is.
+        env: the environment to read the flags' twins from (``MIG_STRATEGY``...); none
+            by default: pass ``os.environ`` to read the process's own.
+
+    Returns the configuration and the warnings an operator should see (unknown keys,
+    notes on how the file was read), which are not logged here.  Raises
+    :class:`ConfigError` naming what cannot be used.
+    """
+    if file is not None and document is not None:
+        raise ValueError("give a config file or a parsed document, not both")
+    source = "config file"
+    if file is not None:
+        path = os.fspath(file)
+        document, source = load_config_file(path), f"config file {path}"
+    return resolve_config(flags or {}, env or {}, document, source=source)
 
 
 def _empty_note(where: str) -> str:
