@@ -498,3 +498,14 @@ def test_help_lists_the_simulate_presets() -> None:
     simulate_help = " ".join(result.stdout.split("\n  --simulate PRESET|FILE", 1)[1]
                              .split("\n  --simulate-control", 1)[0].split())
     assert f"presets: {', '.join(PRESET_NAMES)}" in simulate_help
+
+
+def test_serving_flags_work_on_either_side_of_inspect() -> None:
+    after = run_cli("inspect", "--simulate", "a100-mig", "--mig-strategy", "mixed", "--json")
+    before = run_cli("--simulate", "a100-mig", "--mig-strategy", "mixed", "inspect", "--json")
+    assert after.returncode == before.returncode == 0, (after.stderr, before.stderr)
+    assert json.loads(after.stdout) == json.loads(before.stdout)
+    assert any("mig-" in r["name"] for r in json.loads(after.stdout)["resources"])
+    # Given on both sides, the later one counts, as a repeated flag does.
+    both = run_cli("--simulate", "dgx-1", "inspect", "--simulate", "pcie-4", "--json")
+    assert both.returncode == 0 and len(json.loads(both.stdout)["gpus"]) == 4

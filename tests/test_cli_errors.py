@@ -93,8 +93,11 @@ def refused_value(action: argparse.Action) -> str | None:
 
 
 def value_flags() -> list[tuple[str | None, argparse.Action]]:
+    # A subcommand that repeats the serving flags (inspect) takes them as the top level
+    # does, from the same FLAGS: they are run once, at the top level.
+    top = {a.dest for command, parser in parsers() if command is None for a in parser._actions}
     return [(command, action) for command, parser in parsers() for action in parser._actions
-            if takes_a_value(action)]
+            if takes_a_value(action) and (command is None or action.dest not in top)]
 
 
 def argv(command: str | None, action: argparse.Action, value: str,

@@ -114,6 +114,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                     "plan the resources with the configuration given by the other flags, "
                     "probe every device once, and print the result.")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    # The serving flags after the subcommand too (``inspect --simulate dgx-a100``), as
+    # well as before it; a flag given in both places takes the later value.
+    add_flags(inspect, default=argparse.SUPPRESS)
+    _extend_help(inspect, "--simulate", f"(presets: {', '.join(PRESET_NAMES)})")
     inject = sub.add_parser(
         "inject", help="inject a fault into a running plugin's simulated node",
         description="Send one request to a --simulate-control socket and print the answer; "

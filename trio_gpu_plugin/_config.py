@@ -624,10 +624,13 @@ def _help(spec: FlagSpec) -> str:
     return text.replace("%", "%%")
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
+def add_flags(parser: argparse.ArgumentParser, *, default: Any = None) -> None:
     """Add every flag of :data:`FLAGS` to ``parser``, in :data:`FLAG_GROUPS` groups.
 
-    Every flag's destination is :attr:`FlagSpec.dest` and its default ``None`` (not given):
+    Every flag's destination is :attr:`FlagSpec.dest` and its default ``default``:
+    ``None`` (not given), or ``argparse.SUPPRESS`` on a subcommand's parser, so that a
+    flag given after the subcommand sets its value and one not given there leaves what
+    was given before the subcommand.
     environment, config file and defaults are applied later by :func:`resolve_config` and
     :func:`flag_value`.  Values are converted (and choices checked) by argparse, whose
     error names the flag.  A bool flag alone means true (``--pass-device-specs``) and takes
@@ -641,7 +644,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         group = groups[spec.group]
         names = (spec.name, *spec.aliases)
         common: dict[str, Any] = {
-            "dest": spec.dest, "default": None, "metavar": spec.display_metavar,
+            "dest": spec.dest, "default": default, "metavar": spec.display_metavar,
             "help": _help(spec), "type": _argparse_type(spec),
         }
         if spec.kind == "bool":
