@@ -380,3 +380,21 @@ async def test_a_gpu_count_saying_nvml_is_gone_restarts_the_session(
     nvml.unfail_node()
     await until(lambda: node.sessions > 1)
     await devices.wait_until(lambda: devices.unhealthy == set())
+
+
+async def test_every_gpu_and_the_count_failing_is_nvml_failing_and_a_new_session_follows(
+        nursery: trio.Nursery, root: pathlib.Path) -> None:
+    # The event waits still answer here, so only the probes can tell that nothing else
+    # does: a driver being reloaded answers UNKNOWN to every call.
+    nvml = simulated("pcie-4", root)
+    node, devices = await start(nursery, nvml, root, window=0.2)
+    nvml.fail_node("nvmlDeviceGetCount", pynvml.NVML_ERROR_UNKNOWN)
+    for gpu in range(4):
+        nvml.fail(gpu, ["nvmlDeviceGetHandleByUUID", "nvmlDeviceGetMemoryInfo"],
+                  pynvml.NVML_ERROR_UNKNOWN)
+    await devices.wait_until(lambda: len(devices.unhealthy) == 4)
+    nvml.unfail_node()
+    for gpu in range(4):
+        nvml.unfail(gpu)
+    await until(lambda: node.sessions > 1)
+    await devices.wait_until(lambda: devices.unhealthy == set())

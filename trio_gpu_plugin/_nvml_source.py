@@ -1255,6 +1255,12 @@ class NvmlNode:
             gone = [probe.gone for probe in answers.values() if probe.gone is not None]
             if gone and len(gone) == len(probed):
                 raise _NvmlGone(f"probes failed: {gone[0]}")
+            failed = [probe.failure for probe in answers.values() if probe.failure is not None]
+            if self._count_failing and probed and len(failed) == len(probed):
+                # Every GPU and the GPU count fail (a driver being reloaded answers UNKNOWN
+                # to everything): not one device's fault, and only a new session (init,
+                # fresh handles) can get past it.
+                raise _NvmlGone(f"every GPU and the GPU count fail: {failed[0]}")
             now = trio.current_time()
             changed = False
             for gpu in probed:
