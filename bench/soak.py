@@ -185,6 +185,8 @@ class Report:
     #: by owner, and the files that grew most.
     heap_growth_kib: dict[str, float] = dataclasses.field(default_factory=dict)
     heap_top: list[str] = dataclasses.field(default_factory=list)
+    #: The RSS slope (MiB/min after the warm-up) above which the run fails.
+    rss_slope_limit: float = RSS_SLOPE_LIMIT_MIB_PER_MIN
 
     def _after_warmup(self) -> list[dict[str, float]]:
         skip = int(len(self.samples) * WARMUP_FRACTION)
@@ -217,9 +219,9 @@ class Report:
             out.append(f"only {len(self.samples)} samples")
         trends = self.trends()
         rss = trends["rss_mib"]["slope_per_min"]
-        if rss > RSS_SLOPE_LIMIT_MIB_PER_MIN:
+        if rss > self.rss_slope_limit:
             out.append(f"RSS grows {rss:.2f} MiB/min after warm-up "
-                       f"(limit {RSS_SLOPE_LIMIT_MIB_PER_MIN:g})")
+                       f"(limit {self.rss_slope_limit:g})")
         for m, slack in SLACK.items():
             if m not in trends:
                 continue
@@ -594,9 +596,13 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--trace-memory", action="store_true",
                       help="attribute heap growth to its owners (slows the run)")
     parser.add_argument("--json", action="store_true", help="also print the report as JSON")
+    parser.add_argument("--rss-slope-limit", type=float, default=RSS_SLOPE_LIMIT_MIB_PER_MIN,
+                        metavar="MIB_PER_MIN", help="fail above this RSS slope after the "
+                        f"warm-up (default {RSS_SLOPE_LIMIT_MIB_PER_MIN:g})")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     report = trio.run(soak, args.seconds, args.seed, args.trace_memory, args.process)
+    report.rss_slope_limit = args.rss_slope_limit
     print(render(report))
     print(f"# wall {time.perf_counter() - started:.1f} s")
     if args.json:

@@ -21,6 +21,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 #: The issue says 2 minutes for CI; 60 s here to keep the suite's budget (see module doc).
 SOAK_CI_SECONDS = 60.0
+#: The 30-minute bench fails above 1 MiB/min; 48 s after a 12 s warm-up is too short for
+#: that: caches still filling and allocator arenas read as slope (1.05 once under a loaded
+#: CI machine, 0.25-0.5 on a quiet one, both before and after the same change).  A leak
+#: per admission or per reload (~70 admissions/s: 1 KiB each is 4 MiB/min) still fails 2.
+CI_RSS_SLOPE_LIMIT = 2.0
 
 
 def load_bench() -> types.ModuleType:
@@ -41,7 +46,7 @@ def test_soak_churn_has_no_leak_no_missed_registration_no_stale_state() -> None:
     # log capture, which would be measured as the plugin's memory trend.
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "soak.py"), "--seconds", str(SOAK_CI_SECONDS),
-         "--seed", "3", "--json"],
+         "--seed", "3", "--json", "--rss-slope-limit", str(CI_RSS_SLOPE_LIMIT)],
         cwd=ROOT, capture_output=True, text=True, timeout=SOAK_CI_SECONDS + 120)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert result.returncode == 0 and report["problems"] == [], result.stdout
