@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pathlib
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -81,3 +83,17 @@ def test_the_check_sees_an_undocumented_member() -> None:
 
     Public.__module__ = "trio_gpu_plugin._example"
     assert list(_undocumented("x.Public", Public)) == ["x.Public.method"]
+
+
+def test_every_readme_example_imports_public_names_only_and_is_run_by_a_test() -> None:
+    root = pathlib.Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    blocks = re.findall(r"(<!-- example: (\S+) -->\n)?```python\n(.*?)\n```", readme, flags=re.S)
+    assert blocks
+    tests = "".join(p.read_text() for p in (root / "tests").glob("test_*.py"))
+    for _, name, code in blocks:
+        assert name, f"a README python block without an <!-- example: name --> marker:\n{code}"
+        assert f"<!-- example: {name} -->" in tests, f"no test runs the README example {name!r}"
+        modules = re.findall(r"^\s*(?:from|import) ([\w.]+)", code, flags=re.M)
+        private = [m for m in modules if any(part.startswith("_") for part in m.split("."))]
+        assert private == [], (name, private)
