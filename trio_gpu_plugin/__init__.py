@@ -52,7 +52,6 @@ from ._node_model import GpuInfo as GpuInfo, MigInfo as MigInfo, NodeModel as No
 from ._nvml import NVML as NVML, load_pynvml as load_pynvml
 from ._nvml_source import (
     DeviceSelector as DeviceSelector,
-    LogicalDevice as LogicalDevice,
     NvmlDeviceSource as NvmlDeviceSource,
     NvmlInitError as NvmlInitError,
     NvmlNode as NvmlNode,
@@ -111,7 +110,6 @@ __all__ = [
     "GpuInfo",
     "GpuPlugin",
     "HealthChecks",
-    "LogicalDevice",
     "MigInfo",
     "NodeModel",
     "NvmlDeviceSource",

@@ -188,8 +188,7 @@ class PlannedSource:
         """The device list as published now."""
         if self._emptied:
             return []
-        return [DeviceInfo(d.id, self.node.healthy(d.units), d.numa_nodes)
-                for d in self.resource().devices]
+        return [d.advertised(self.node.healthy(d.units)) for d in self.resource().devices]
 
     async def run(self, publish: Publish, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -81,11 +81,12 @@ from ._nvml import (
     text,
 )
 from ._observe import Observer
+from ._plan_model import PlannedDevice, gpu_device, mig_device
+from ._plan_model import replicas as shared_copies
 from .proto import v1beta1
 
 __all__ = [
     "DeviceSelector",
-    "LogicalDevice",
     "NvmlDeviceSource",
     "NvmlInitError",
     "NvmlNode",
@@ -224,45 +225,19 @@ def _first(group: BaseException) -> BaseException:
     return group
 
 
-@dataclasses.dataclass(frozen=True)
-class LogicalDevice:
-    """A device as one resource advertises it.
-
-    Attributes:
-        id: its ID in the resource (a UUID, ``<uuid>::<n>`` for a replica...).
-        units: the health units (GPU and MIG UUIDs) it is built on; it is Healthy iff
-            all of them are.
-        numa_nodes: NUMA nodes it is attached to.
-        visible: what the container runtime is told (``NVIDIA_VISIBLE_DEVICES``).
-    """
-
-    id: str
-    units: tuple[str, ...]
-    numa_nodes: tuple[int, ...]
-    visible: str
+#: ``selector(model) -> devices`` of one resource.
+DeviceSelector = Callable[[NodeModel], Sequence[PlannedDevice]]
 
 
-#: ``selector(model) -> logical devices`` of one resource.
-DeviceSelector = Callable[[NodeModel], Sequence[LogicalDevice]]
-
-
-def whole_gpus(model: NodeModel) -> list[LogicalDevice]:
+def whole_gpus(model: NodeModel) -> list[PlannedDevice]:
     """Every physical GPU, by UUID (MIG-enabled GPUs too: NVIDIA's ``none`` strategy)."""
-    return [
-        LogicalDevice(gpu.uuid, gpu_units(gpu),
-                      () if gpu.numa_node is None else (gpu.numa_node,), gpu.uuid)
-        for gpu in model.gpus
-    ]
+    return [gpu_device(gpu) for gpu in model.gpus]
 
 
-def mig_slices(model: NodeModel, profile: str | None = None) -> list[LogicalDevice]:
+def mig_slices(model: NodeModel, profile: str | None = None) -> list[PlannedDevice]:
     """Every MIG device (of one profile, if given), by MIG UUID."""
-    return [
-        LogicalDevice(mig.uuid, mig_units(mig),
-                      () if mig.numa_node is None else (mig.numa_node,), mig.uuid)
-        for mig in model.mig_devices
-        if profile is None or mig.profile == profile
-    ]
+    return [mig_device(gpu, mig) for gpu in model.gpus for mig in gpu.mig_devices
+            if profile is None or mig.profile == profile]
 
 
 def with_replicas(select: DeviceSelector, replicas: int) -> DeviceSelector:
@@ -271,9 +246,8 @@ def with_replicas(select: DeviceSelector, replicas: int) -> DeviceSelector:
     if replicas < 1:
         raise ValueError(f"replicas must be at least 1, got {replicas}")
 
-    def selector(model: NodeModel) -> list[LogicalDevice]:
-        return [dataclasses.replace(d, id=f"{d.id}::{n}")
-                for d in select(model) for n in range(replicas)]
+    def selector(model: NodeModel) -> list[PlannedDevice]:
+        return [copy for device in select(model) for copy in shared_copies(device, replicas)]
     return selector
 
 
@@ -1330,17 +1304,17 @@ class NvmlDeviceSource:
     :class:`NvmlNode`: the selector's logical devices, each Healthy iff all its units are.
 
     Allocate answers with NVIDIA's default ``envvar`` strategy: ``NVIDIA_VISIBLE_DEVICES``
-    lists the devices' ``visible`` names, each once (replicas of one GPU name it once).
+    lists the devices' UUIDs, each once (replicas of one GPU name it once).
     """
 
     def __init__(self, node: NvmlNode, select: DeviceSelector = whole_gpus) -> None:
         self.node = node
         self.select = select
         self._model: NodeModel | None = None
-        self._devices: dict[str, LogicalDevice] = {}
+        self._devices: dict[str, PlannedDevice] = {}
 
-    def devices(self) -> list[LogicalDevice]:
-        """The logical devices of the current model."""
+    def devices(self) -> list[PlannedDevice]:
+        """The devices of the current model, as the selector picks them."""
         model = self.node.model
         if model is not None and model is not self._model:
             devices = list(self.select(model))
@@ -1350,7 +1324,7 @@ class NvmlDeviceSource:
 
     def device_infos(self) -> list[DeviceInfo]:
         """The device list as published now."""
-        return [DeviceInfo(d.id, self.node.healthy(d.units), d.numa_nodes) for d in self.devices()]
+        return [d.advertised(self.node.healthy(d.units)) for d in self.devices()]
 
     async def run(self, publish: Publish, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -1360,5 +1334,5 @@ class NvmlDeviceSource:
     def allocate(self, device_ids: Sequence[str]) -> v1beta1.ContainerAllocateResponse:
         """NVIDIA's ``envvar`` strategy."""
         self.devices()
-        visible = dict.fromkeys(self._devices[i].visible for i in device_ids)
+        visible = dict.fromkeys(self._devices[i].uuid for i in device_ids)
         return v1beta1.ContainerAllocateResponse(envs={"NVIDIA_VISIBLE_DEVICES": ",".join(visible)})

@@ -17,6 +17,9 @@ import functools
 from collections.abc import Iterable, Sequence
 from typing import Final
 
+from ._devices import DeviceInfo
+from ._health import gpu_units, mig_units
+from ._node_model import GpuInfo, MigInfo
 from .proto import v1beta1
 
 __all__ = [
@@ -24,6 +27,9 @@ __all__ = [
     "MAX_REPLICAS",
     "PlannedDevice",
     "PlannedResource",
+    "gpu_device",
+    "mig_device",
+    "replicas",
     "list_and_watch_bytes",
     "max_replicas",
     "replicas_bytes",
@@ -139,6 +145,49 @@ class PlannedDevice:
     def base_id(self) -> str:
         """The ID without the replica suffix."""
         return self.id.split("::", 1)[0]
+
+    def advertised(self, healthy: bool) -> DeviceInfo:
+        """What ListAndWatch sends for it: its ID, health and NUMA nodes."""
+        return DeviceInfo(self.id, healthy, self.numa_nodes)
+
+
+def _numa(node: int | None) -> tuple[int, ...]:
+    return () if node is None else (node,)
+
+
+def gpu_device(gpu: GpuInfo, by_index: bool = False) -> PlannedDevice:
+    """A whole GPU as a device: ID its UUID (or its index, ``by_index``)."""
+    index = str(gpu.index)
+    return PlannedDevice(
+        id=index if by_index else gpu.uuid, uuid=gpu.uuid, index=index, replica=None,
+        units=gpu_units(gpu), numa_nodes=_numa(gpu.numa_node),
+        paths=(f"/dev/nvidia{gpu.minor}",), memory_bytes=gpu.memory_bytes,
+        compute_capability=gpu.compute_capability)
+
+
+def mig_device(gpu: GpuInfo, mig: MigInfo, by_index: bool = False,
+               cap_paths: tuple[str, ...] = ()) -> PlannedDevice:
+    """MIG device ``mig`` of ``gpu`` as a device: ID its MIG UUID (or ``<i>:<j>``,
+    ``by_index``); its paths the parent's node and ``cap_paths`` (its GI and CI access
+    capability nodes, where the caller knows them)."""
+    index = f"{gpu.index}:{mig.index}"
+    return PlannedDevice(
+        id=index if by_index else mig.uuid, uuid=mig.uuid, index=index, replica=None,
+        units=mig_units(mig), numa_nodes=_numa(mig.numa_node),
+        paths=(f"/dev/nvidia{gpu.minor}", *cap_paths),
+        memory_bytes=mig.memory_bytes, compute_capability=gpu.compute_capability)
+
+
+def replicas(device: PlannedDevice, count: int) -> list[PlannedDevice]:
+    """``count`` shared copies ``<id>::<n>`` of ``device``, with its units, paths and
+    topology: one health event on the device marks every replica."""
+    # Built field by field: dataclasses.replace costs three times as much, and a shared
+    # resource may hold a hundred thousand replicas.
+    return [PlannedDevice(id=f"{device.id}::{n}", uuid=device.uuid, index=device.index,
+                          replica=n, units=device.units, numa_nodes=device.numa_nodes,
+                          paths=device.paths, memory_bytes=device.memory_bytes,
+                          compute_capability=device.compute_capability)
+            for n in range(count)]
 
 
 @dataclasses.dataclass(frozen=True)

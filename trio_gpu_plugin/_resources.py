@@ -23,14 +23,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Final, TypeAlias
 
 from ._config import Config, ConfigError, ReplicatedResource, ResourcePattern
-from ._health import gpu_units, mig_units
 from ._node_model import GpuInfo, MigInfo, NodeModel
 from ._plan_model import (
     MAX_LIST_AND_WATCH_BYTES,
     PlannedDevice,
     PlannedResource,
+    gpu_device,
     list_and_watch_bytes,
     max_replicas,
+    mig_device,
+    replicas,
     replicas_bytes,
 )
 
@@ -211,31 +213,12 @@ def _match(patterns: Iterable[ResourcePattern], text: str) -> str | None:
 # Devices
 
 
-def _numa(node: int | None) -> tuple[int, ...]:
-    return () if node is None else (node,)
-
-
-def _gpu_device(gpu: GpuInfo, by_index: bool) -> PlannedDevice:
-    index = str(gpu.index)
-    return PlannedDevice(
-        id=index if by_index else gpu.uuid, uuid=gpu.uuid, index=index, replica=None,
-        units=gpu_units(gpu), numa_nodes=_numa(gpu.numa_node),
-        paths=(f"/dev/nvidia{gpu.minor}",), memory_bytes=gpu.memory_bytes,
-        compute_capability=gpu.compute_capability)
-
-
 def _mig_device(gpu: GpuInfo, mig: MigInfo, by_index: bool,
                 minors: MigMinors | None) -> PlannedDevice:
-    index = f"{gpu.index}:{mig.index}"
-    paths: tuple[str, ...] = (f"/dev/nvidia{gpu.minor}",)
     # Without the table (a caller that hands out no device specs) the parent's node is
     # all we can name; with it, a missing entry is fatal as in NVIDIA.
-    if minors is not None:
-        paths += mig_cap_paths(minors, gpu.minor, mig.gi_id, mig.ci_id)
-    return PlannedDevice(
-        id=index if by_index else mig.uuid, uuid=mig.uuid, index=index, replica=None,
-        units=mig_units(mig), numa_nodes=_numa(mig.numa_node), paths=paths,
-        memory_bytes=mig.memory_bytes, compute_capability=gpu.compute_capability)
+    caps = () if minors is None else mig_cap_paths(minors, gpu.minor, mig.gi_id, mig.ci_id)
+    return mig_device(gpu, mig, by_index, caps)
 
 
 def _aliases(model: NodeModel, device: PlannedDevice) -> set[str]:
@@ -270,7 +253,7 @@ def _device_map(model: NodeModel, config: Config, minors: MigMinors | None,
         name = _match(gpu_patterns, gpu.name)
         if name is None:
             raise PlanError(f"GPU name '{gpu.name}' does not match any resource patterns")
-        devices.setdefault(name, []).append(_gpu_device(gpu, by_index))
+        devices.setdefault(name, []).append(gpu_device(gpu, by_index))
     if strategy == "none":
         return devices
 
@@ -335,17 +318,6 @@ def _select(model: NodeModel, entry: ReplicatedResource, name: str,
     return list(available)
 
 
-def _replicas(device: PlannedDevice, count: int) -> list[PlannedDevice]:
-    # Same units, paths and topology: one health event on the device marks every replica.
-    # Built field by field: dataclasses.replace costs three times as much, and a shared
-    # resource may hold a hundred thousand replicas.
-    return [PlannedDevice(id=f"{device.id}::{n}", uuid=device.uuid, index=device.index,
-                          replica=n, units=device.units, numa_nodes=device.numa_nodes,
-                          paths=device.paths, memory_bytes=device.memory_bytes,
-                          compute_capability=device.compute_capability)
-            for n in range(count)]
-
-
 def _share(model: NodeModel, config: Config, devices: dict[str, list[PlannedDevice]],
            warnings: list[str]) -> dict[str, list[PlannedDevice]]:
     """NVIDIA's ``updateDeviceMapWithReplicas`` with ``rename`` and ``devices`` honoured.
@@ -390,7 +362,7 @@ def _share(model: NodeModel, config: Config, devices: dict[str, list[PlannedDevi
     _check_shares(result, shares)
     for share in shares:
         result.setdefault(share.target, []).extend(
-            replica for device in share.devices for replica in _replicas(device, share.replicas))
+            replica for device in share.devices for replica in replicas(device, share.replicas))
     return result
 
 
