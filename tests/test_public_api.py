@@ -97,3 +97,22 @@ def test_every_readme_example_imports_public_names_only_and_is_run_by_a_test() -
         modules = re.findall(r"^\s*(?:from|import) ([\w.]+)", code, flags=re.M)
         private = [m for m in modules if any(part.startswith("_") for part in m.split("."))]
         assert private == [], (name, private)
+
+
+def test_every_configuration_field_is_documented_with_nvidias_names() -> None:
+    import dataclasses
+
+    from trio_gpu_plugin._config import FLAGS, Flags, Imex, PluginFlags
+
+    classes = {"flags": Flags, "flags.plugin": PluginFlags, "imex": Imex}
+    for cls in classes.values():
+        doc = inspect.getdoc(cls) or ""
+        attributes = doc.split("Attributes:", 1)[1]
+        for field in dataclasses.fields(cls):
+            assert f"\n    {field.name}: " in "\n" + attributes, (cls.__name__, field.name)
+    for spec in FLAGS:
+        if spec.attr is None:
+            continue  # the process's own (--simulate, --log-level): no Config field
+        doc = inspect.getdoc(classes[spec.attr.rpartition(".")[0]]) or ""
+        assert spec.name in doc and all(e in doc for e in spec.envs), spec.name
+        assert spec.config_key is None or spec.config_key in doc, spec.name

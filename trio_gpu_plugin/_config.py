@@ -207,7 +207,15 @@ class Imex:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The whole configuration (``version: v1``)."""
+    """The whole configuration (``version: v1``), NVIDIA's config file as frozen data:
+    ``flags`` (:class:`Flags`, :class:`PluginFlags`: every field names its flag,
+    environment twin and config key), ``resources``, ``sharing``, ``imex``.
+
+    Build one with :func:`load_config` (a file, flags and environment, NVIDIA's
+    precedence: flag > environment > file > default; :class:`ConfigError` names the key
+    path of what is wrong), or directly: ``Config()`` is NVIDIA's defaults and
+    ``dataclasses.replace`` changes a part (``Config(sharing=Sharing(time_slicing=
+    SharingStrategy((ReplicatedResource("nvidia.com/gpu", 2),))))``)."""
 
     flags: Flags = dataclasses.field(default_factory=Flags)
     resources: Resources = dataclasses.field(default_factory=Resources)
@@ -465,6 +473,36 @@ _FILE_ONLY: Final[dict[str, tuple[str, FlagKind]]] = {
 }
 # Sections whose keys are the rows above.
 _FLAG_SECTIONS: Final = ("flags", "flags.plugin", "imex")
+
+
+def _document_fields(cls: type, prefix: str) -> None:
+    """Append an ``Attributes:`` section to ``cls``'s docstring, one line per field from
+    :data:`FLAGS` (its help, flag, environment twins, config-file key and default), so
+    that ``help(Flags)`` documents every field with NVIDIA's names and the table stays
+    the one place they are written."""
+    lines = ["", "Attributes:"]
+    for field in dataclasses.fields(cls):
+        attr = f"{prefix}.{field.name}"
+        spec = next((s for s in FLAGS if s.attr == attr), None)
+        if spec is not None:
+            where = ", ".join([f"``{spec.name}``", *(f"``${e}``" for e in spec.envs),
+                               *([f"config ``{spec.config_key}``"] if spec.config_key else
+                                 ["command line and environment only"])])
+            lines.append(f"    {field.name}: {spec.help} ({where}; default {spec.default})")
+            continue
+        key = next((k for k, (a, _) in _FILE_ONLY.items() if a == attr), None)
+        if key is not None:
+            lines.append(f"    {field.name}: config ``{key}`` only (no flag, as in NVIDIA's)")
+        elif field.name == "plugin":
+            lines.append(f"    {field.name}: ``{prefix}.plugin`` (:class:`PluginFlags`)")
+        else:
+            raise AssertionError(f"{attr} is neither a flag nor a config-file key")
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n" + "\n".join(lines)
+
+
+_document_fields(Flags, "flags")
+_document_fields(PluginFlags, "flags.plugin")
+_document_fields(Imex, "imex")
 # GPU feature discovery's section: the same file serves GFD and the plugin (the Helm chart
 # shares it), so it is skipped without a warning, as NVIDIA's plugin does.
 _IGNORED_KEYS: Final = frozenset({"flags.gfd"})
