@@ -276,3 +276,30 @@ async def test_a_bad_config_file_change_is_logged_and_keeps_serving(
         await fake_kubelet.wait_until(lambda: fake_kubelet.resources[GPU].capacity == 8)
     assert plugin.config.flags.kubelet_socket == str(fake_kubelet.kubelet_socket)
     assert f"config file {path} changed: keeping the running configuration: " in caplog.text
+
+
+@pytest.mark.parametrize(("flags", "plugin", "named"), [
+    ({"mig_strategy": "sideways"}, {}, "flags.migStrategy: 'sideways' is not one of none"),
+    ({"fail_on_init_error": "false"}, {}, "flags.failOnInitError: 'false' is not a boolean"),
+    ({"health_probe_interval": 0}, {}, "flags.healthProbeInterval: 0 is not a positive"),
+    ({}, {"device_list_strategy": ("envvar", "floppy")}, "deviceListStrategy: 'floppy'"),
+    ({}, {"device_id_strategy": "serial"}, "flags.plugin.deviceIDStrategy: 'serial'"),
+])
+def test_a_config_built_in_python_is_checked_as_a_loaded_one_is(
+        nvml: SimulatedNVML, tmp_path: pathlib.Path, flags: dict[str, object],
+        plugin: dict[str, object], named: str) -> None:
+    from trio_gpu_plugin import Flags, PluginFlags
+
+    config = Config(flags=Flags(**flags, plugin=PluginFlags(**plugin)))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        build(config, nvml, tmp_path)
+
+
+def test_every_loaded_config_passes_the_check_for_built_ones() -> None:
+    from trio_gpu_plugin._config import validate_config
+
+    validate_config(Config())
+    for document in ({"flags": {"migStrategy": "mixed", "plugin": {"deviceIDStrategy": "index",
+                                "deviceListStrategy": ["cdi-cri", "volume-mounts"]}}},
+                     {"imex": {"channelIDs": [0]}}):
+        validate_config(load_config(document={"version": "v1", **document})[0])

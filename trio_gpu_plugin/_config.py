@@ -52,6 +52,7 @@ __all__ = [
     "effective_config_json",
     "flag_value",
     "load_config",
+    "validate_config",
     "load_config_file",
     "new_resource_name",
     "parse_bool",
@@ -1231,6 +1232,34 @@ class ConfigDocument(dict[str, Any]):
     def __init__(self, mapping: Mapping[str, Any], notes: Sequence[str] = ()) -> None:
         super().__init__(mapping)
         self.notes: tuple[str, ...] = tuple(notes)
+
+
+def validate_config(config: Config) -> None:
+    """Check a :class:`Config` built in Python as :func:`load_config` checks what it
+    reads: every setting a flag gives must be one the flag would take
+    (:class:`ConfigError` names the config key, or the flag, the value and what is
+    allowed)."""
+    for spec in FLAGS:
+        if spec.attr is None:
+            continue
+        value: Any = config
+        for part in spec.attr.split("."):
+            value = getattr(value, part)
+        where = spec.config_key or spec.name
+        if spec.kind == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{where}: {value!r} is not a boolean")
+        if spec.kind in ("seconds", "positive-seconds") and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+                or value < 0 or (spec.kind == "positive-seconds" and value == 0)):
+            raise ConfigError(f"{where}: {value!r} is not a "
+                              f"{'positive' if spec.kind == 'positive-seconds' else 'non-negative'}"
+                              " number of seconds")
+        if spec.kind in ("str", "choice") and not isinstance(value, str):
+            raise ConfigError(f"{where}: {value!r} is not a string")
+        try:
+            _check(spec, value)
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
 
 def load_config_file(path: str) -> Any:

@@ -31,7 +31,14 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol, cast
 import trio
 
 from ._allocate import cdi_warning, find_missing_cdi_devices, required_cdi_devices
-from ._config import FLAGS, Config, ConfigError, effective_config_json, load_config
+from ._config import (
+    FLAGS,
+    Config,
+    ConfigError,
+    effective_config_json,
+    load_config,
+    validate_config,
+)
 from ._configured import NodeSetup, PlannedSource
 from ._health import HealthChecks
 from ._inspect import envvar_conflict_warning
@@ -147,7 +154,10 @@ def control_bind_reason(exc: OSError, path: str) -> str:
 
 
 def check_supported(config: Config) -> None:
-    """Refuse what this plugin does not do although NVIDIA's does (``ConfigError``)."""
+    """Refuse a setting no flag would take (a ``Config`` built in Python, see
+    :func:`validate_config`) and what this plugin does not do although NVIDIA's does
+    (``ConfigError``)."""
+    validate_config(config)
     if config.flags.device_discovery_strategy == "tegra":
         raise ConfigError("--device-discovery-strategy tegra: Tegra (integrated GPU) "
                           "systems are not supported by trio-gpu-plugin; use NVIDIA's "
