@@ -1136,6 +1136,20 @@ def _write_out(items_ref: Any, count_ref: Any, found: list[Any]) -> None:
     count.value = len(found)
 
 
+def _failures(calls: Iterable[str] | str, code: object, valid: tuple[str, ...],
+              what: str) -> list[str]:
+    """The call names of a ``fail``/``fail_node`` request, checked with its ``code``:
+    ``ValueError`` listing the ``valid`` names, or saying what a code must be."""
+    names = [calls] if isinstance(calls, str) else list(calls)
+    unknown = [n for n in names if n not in valid]
+    if unknown or not names:
+        raise ValueError(f"not {what}: {unknown or 'none given'}; valid: {', '.join(valid)}")
+    if not isinstance(code, int) or isinstance(code, bool) or code <= 0:
+        raise ValueError(f"code must be an NVML_ERROR_* value (a positive integer, e.g. "
+                         f"{pynvml.NVML_ERROR_GPU_IS_LOST} for GPU_IS_LOST), not {code!r}")
+    return names
+
+
 def _error(code: int) -> Exception:
     """pynvml's own exception for an NVML return code (``NVMLError_NotFound``...)."""
     error: Exception = pynvml.NVMLError(code)
@@ -2009,14 +2023,8 @@ class SimulatedNVML:
         calls name none, so they cannot fail for one GPU).  ``ValueError`` lists the
         valid names for any other, and for a ``code`` that is not an error code;
         ``KeyError`` for an unknown GPU.  Nothing changes on an error."""
-        names = [calls] if isinstance(calls, str) else list(calls)
-        unknown = [n for n in names if n not in FAILABLE_CALLS]
-        if unknown or not names:
-            raise ValueError(f"not NVML calls that name a GPU in the simulator: "
-                             f"{unknown or 'none given'}; valid: {', '.join(FAILABLE_CALLS)}")
-        if not _is_int(code) or code <= 0:
-            raise ValueError(f"code must be an NVML_ERROR_* value (a positive integer, e.g. "
-                             f"{pynvml.NVML_ERROR_GPU_IS_LOST} for GPU_IS_LOST), not {code!r}")
+        names = _failures(calls, code, FAILABLE_CALLS, "NVML calls that name a GPU in the "
+                                                        "simulator")
         with self._cond:
             target = self._lookup(gpu)[0]
             target.failures.update(dict.fromkeys(names, code))
@@ -2033,14 +2041,7 @@ class SimulatedNVML:
         UNINITIALIZED, and a driver in trouble may fail the count and still answer for
         the GPUs it has.  ``ValueError`` for another name or a code that is not an
         error code; nothing changes on an error."""
-        names = [calls] if isinstance(calls, str) else list(calls)
-        unknown = [n for n in names if n not in NODE_CALLS]
-        if unknown or not names:
-            raise ValueError(f"not NVML calls that name no GPU: {unknown or 'none given'}; "
-                             f"valid: {', '.join(NODE_CALLS)}")
-        if not _is_int(code) or code <= 0:
-            raise ValueError(f"code must be an NVML_ERROR_* value (a positive integer, e.g. "
-                             f"{pynvml.NVML_ERROR_UNKNOWN} for UNKNOWN), not {code!r}")
+        names = _failures(calls, code, NODE_CALLS, "NVML calls that name no GPU")
         with self._cond:
             self._node_failures.update(dict.fromkeys(names, code))
 
