@@ -51,7 +51,6 @@ from ._plugin import (
     StartupError as StartupError,
     _strerror,
     check_cdi as check_cdi,
-    check_kubelet_socket as check_kubelet_socket,
     check_plugin_sockets as check_plugin_sockets,
     check_supported,
     control_bind_reason as control_bind_reason,
@@ -60,6 +59,7 @@ from ._plugin import (
     metrics_bind_reason as metrics_bind_reason,
     watch_config_file as watch_config_file,
 )
+from ._runtime import check_kubelet_socket_path
 
 log = logging.getLogger("trio_gpu_plugin.cli")
 
@@ -273,8 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         simulate = flag_value("--simulate", vars(args), os.environ)
         simulate_control = flag_value("--simulate-control", vars(args), os.environ)
         if not inspecting:
-            check_kubelet_socket(config.flags.kubelet_socket,
-                                 _given_as("--kubelet-socket", args, os.environ))
+            check_kubelet_socket_path(config.flags.kubelet_socket,
+                                      _given_as("--kubelet-socket", args, os.environ))
     except ConfigError as exc:
         return fail(str(exc))
     if simulate_control and not simulate:

@@ -63,7 +63,6 @@ __all__ = [
     "Reload",
     "StartupError",
     "check_cdi",
-    "check_kubelet_socket",
     "check_plugin_sockets",
     "check_supported",
     "control_bind_reason",
@@ -162,18 +161,6 @@ def check_supported(config: Config) -> None:
         raise ConfigError("--device-discovery-strategy tegra: Tegra (integrated GPU) "
                           "systems are not supported by trio-gpu-plugin; use NVIDIA's "
                           "plugin there, or auto/nvml on a discrete-GPU node")
-
-
-def check_kubelet_socket(path: str, given_as: str) -> None:
-    """Refuse a ``--kubelet-socket`` no Unix socket can be at (``ConfigError``):
-    otherwise the plugin would wait forever for a kubelet that cannot appear there."""
-    if not path:
-        raise ConfigError(f"{given_as} '': an empty path (the kubelet's is "
-                          "/var/lib/kubelet/device-plugins/kubelet.sock)")
-    size = len(os.fsencode(path))
-    if size > MAX_UNIX_PATH:
-        raise ConfigError(f"{given_as} {path}: {size} bytes, longer than the {MAX_UNIX_PATH} "
-                          "a Unix socket path can hold")
 
 
 def check_plugin_sockets(kubelet_socket: str, result: PlanResult) -> None:
@@ -402,7 +389,7 @@ class GpuPlugin:
         node: NvmlNode | None = None,
     ) -> None:
         check_supported(config)
-        check_kubelet_socket(config.flags.kubelet_socket, "--kubelet-socket")
+        check_kubelet_socket_path(config.flags.kubelet_socket)
         if node is not None:
             if node.nvml is not nvml:
                 raise ValueError("node is an NvmlNode over another NVML than nvml")
@@ -645,7 +632,7 @@ class GpuPlugin:
                     log.info("%s: configuration unchanged; nothing to reload", reason)
                     return None
                 check_supported(config)
-                check_kubelet_socket(config.flags.kubelet_socket, "--kubelet-socket")
+                check_kubelet_socket_path(config.flags.kubelet_socket)
                 check_kubelet_socket_path(config.flags.kubelet_socket)
                 new = NodeSetup.read(config, self._setup.root)
                 # In a worker thread: planning is bounded (the 4 MiB ListAndWatch limit)

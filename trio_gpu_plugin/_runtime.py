@@ -53,7 +53,7 @@ from ._grpc import RpcError, StatusCode
 from ._logging import Reminder
 from ._observe import Observer, Problem
 from ._service import DevicePluginService
-from ._transport import SocketInUseError, open_unix_channel, serve_unix
+from ._transport import MAX_UNIX_PATH, SocketInUseError, open_unix_channel, serve_unix
 from ._watch import Identity, PathWatcher, identity
 from .proto import v1beta1
 
@@ -107,19 +107,29 @@ class _Registration:
     stale_since: float | None = None
 
 
-def check_kubelet_socket_path(path: str | os.PathLike[str]) -> None:
-    """Refuse a kubelet socket path that is a directory, raising :class:`ConfigError`
-    naming ``--kubelet-socket`` and the path.
+def check_kubelet_socket_path(path: str | os.PathLike[str],
+                              given_as: str = "--kubelet-socket") -> None:
+    """Refuse a kubelet socket path no Unix socket can be at, raising
+    :class:`ConfigError` naming ``given_as`` (the flag, or its environment twin) and the
+    path: empty, too long for a Unix socket, or a directory.  Otherwise the plugin would
+    wait forever for a kubelet that cannot appear there.
 
     The kubelet's socket directory is the likely mistake for its socket: the plugin's
     sockets would then go in the directory above, and every Register be refused
     ("connection refused", from a directory), which names nothing to fix.  A path that
     does not exist yet is fine: the kubelet creates its socket when it starts.
     """
+    if not os.fspath(path):
+        raise ConfigError(f"{given_as} '': an empty path (the kubelet's is "
+                          f"{v1beta1.KUBELET_SOCKET})")
+    size = len(os.fsencode(path))
+    if size > MAX_UNIX_PATH:
+        raise ConfigError(f"{given_as} {os.fspath(path)}: {size} bytes, longer than the "
+                          f"{MAX_UNIX_PATH} a Unix socket path can hold")
     path = pathlib.Path(path)
     if path.is_dir():
         raise ConfigError(
-            f"--kubelet-socket {path}: is a directory, not a socket path; give the kubelet's "
+            f"{given_as} {path}: is a directory, not a socket path; give the kubelet's "
             f"registration socket, such as {path / 'kubelet.sock'} (the kubelet's own is "
             f"{v1beta1.KUBELET_SOCKET}); the plugin's sockets go in its directory")
 
