@@ -54,6 +54,7 @@ from ._plugin import (
     check_plugin_sockets as check_plugin_sockets,
     check_supported,
     control_bind_reason as control_bind_reason,
+    first_leaf,
     log_config,
     log_plan as log_plan,
     metrics_bind_reason as metrics_bind_reason,
@@ -323,10 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed, _ = group.split((NvmlInitError, ConfigError, StartupError))
         if failed is None:
             raise
-        first: BaseException = failed
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        return fail(str(first))
+        return fail(str(first_leaf(failed)))
     finally:
         if simulated is not None:
             shutil.rmtree(root, ignore_errors=True)

@@ -66,6 +66,7 @@ __all__ = [
     "check_plugin_sockets",
     "check_supported",
     "control_bind_reason",
+    "first_leaf",
     "log_config",
     "log_plan",
     "metrics_bind_reason",
@@ -230,18 +231,19 @@ def log_plan(setup: NodeSetup, result: PlanResult) -> None:
     check_cdi(setup, result)
 
 
-def _first_leaf(exc: BaseException, kind: type[OSError]) -> OSError:
-    """The first ``kind`` in ``exc``, looking inside (nested) exception groups: trio
-    wraps what a task raises in one."""
-    if isinstance(exc, kind):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            try:
-                return _first_leaf(inner, kind)
-            except LookupError:
-                continue
-    raise LookupError(f"no {kind.__name__} in {exc!r}")
+def _os_error(caught: BaseException) -> OSError:
+    """The ``OSError`` an ``except* OSError`` caught (the first, if several)."""
+    leaf = first_leaf(caught)
+    assert isinstance(leaf, OSError), leaf
+    return leaf
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups: trio wraps what a task
+    raises in one per nursery.  Of what ``except* OSError`` caught, an ``OSError``."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 # --------------------------------------------------------------------------------------
@@ -530,7 +532,7 @@ class GpuPlugin:
             bound = await nursery.start(serve_metrics, metrics, host, port)
         except* OSError as failed:  # socket.gaierror is one too
             raise StartupError("--metrics-address", address, metrics_bind_reason(
-                _first_leaf(failed, OSError), host, port)) from None
+                _os_error(failed), host, port)) from None
         log.info("health and metrics: http://%s:%s/healthz, /readyz, /metrics", host, bound)
 
     async def _serve_control(self, nursery: trio.Nursery, path: str) -> None:
@@ -540,7 +542,7 @@ class GpuPlugin:
             await nursery.start(serve_control, cast("FaultTarget", self._nvml), path)
         except* OSError as failed:
             raise StartupError("--simulate-control", path,
-                               control_bind_reason(_first_leaf(failed, OSError), path)) from None
+                               control_bind_reason(_os_error(failed), path)) from None
         log.info("fault injection: %s (trio-gpu-plugin inject --control %s ...)", path, path)
 
     async def _serve_generations(
